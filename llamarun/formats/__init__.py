@@ -1,0 +1,81 @@
+"""Checkpoint formats: each module turns files into a :class:`Checkpoint`.
+
+A checkpoint's tensors use Meta's names (``tok_embeddings.weight``, ``layers.0.attention.wq.weight``,
+..., ``output.weight``) and Meta's rotary layout for wq/wk, so the model never sees a format's quirks.
+Tensors are produced lazily, one at a time, so a loader can fill a model layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import FormatError
+from ..tokenizer import Tokenizer
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A read-only mapping whose values are built on access by a per-name loader function."""
+
+    def __init__(self, loaders: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+        self._loaders = dict(loaders)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._loaders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+@dataclass
+class Checkpoint:
+    """What every format loader returns."""
+
+    args: ModelArgs
+    tensors: Mapping[str, torch.Tensor]  # Meta names -> tensors (built lazily)
+    tokenizer: Tokenizer
+    format: str  # "gguf", "meta", "hf", "llama2c"
+    path: Path
+    tensor_types: dict[str, str] = field(default_factory=dict)  # name -> storage type ("Q4_1", "F32", ...)
+
+
+def detect_format(path: str | Path) -> str:
+    """Which format a path holds: 'gguf', 'meta', 'hf' or 'llama2c'. Raises FormatError if none."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "params.json").is_file():
+            return "meta"
+        if (p / "config.json").is_file():
+            return "hf"
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+        raise FormatError(f"{p}: directory has neither params.json (Meta) nor config.json (Hugging Face)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf"
+    if p.suffix == ".gguf":
+        raise FormatError(f"{p}: not a GGUF file (bad magic {magic!r})")
+    if p.suffix == ".bin" or magic == b"ak42":
+        return "llama2c"
+    raise FormatError(f"{p}: unrecognised checkpoint format (expected .gguf, a llama2.c .bin or a directory)")
+
+
+def load_checkpoint(path: str | Path, tokenizer_path: str | Path | None = None) -> Checkpoint:
+    """Open a checkpoint of any supported format (auto-detected) without materialising its weights."""
+    fmt = detect_format(path)
+    if fmt == "gguf":
+        from . import gguf
+
+        return gguf.load(path)
+    raise FormatError(f"{path}: the {fmt} format is not supported yet")
