@@ -1,0 +1,62 @@
+"""``llamarun bench``: load time, prefill and decode throughput, peak memory, for one model and mode.
+
+Prompts are random token ids (fixed seed), so any model can be measured without a prompt set. Decode
+runs the real generation loop (greedy, ignoring end-of-generation) and reports aggregate tok/s.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def run_bench(args) -> dict:
+    """Measure with the options of ``llamarun bench`` (an argparse namespace)."""
+    from .generation import Llama
+    from .sampling import SamplingParams
+
+    llm = Llama.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                     threads=args.threads, tokenizer_path=args.tokenizer)
+    report: dict = {
+        "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
+    }
+    gen = torch.Generator().manual_seed(0)
+    vocab = llm.args.vocab_size
+    greedy = SamplingParams(temperature=0.0)
+
+    def random_prompts(batch: int, length: int) -> list[list[int]]:
+        return torch.randint(0, vocab, (batch, length), generator=gen).tolist()
+
+    llm.generate(random_prompts(1, 8), 2, sampling=greedy, ignore_eos=True)  # warm-up
+    for n in args.prefill:
+        if n + 1 > llm.max_seq_len:
+            continue
+        llm.generate(random_prompts(1, n), 1, sampling=greedy, ignore_eos=True)
+        report["prefill"][str(n)] = round(llm.stats.prefill_tok_s, 1)
+    for b in args.batch:
+        llm.generate(random_prompts(b, 16), args.decode_tokens + 1, sampling=greedy, ignore_eos=True)
+        report["decode"][str(b)] = round(llm.stats.decode_tok_s, 1)
+    report["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return report
+
+
+def format_report(r: dict) -> str:
+    """A few human-readable lines."""
+    lines = [f"model   {r['model']}", f"device  {r['device']} {r['dtype']} ({r['threads']} threads, {r['cpu']})",
+             f"load    {r['load_s']:.2f} s"]
+    lines += [f"prefill {n:>5} tokens  {v:8.1f} tok/s" for n, v in r["prefill"].items()]
+    lines += [f"decode  batch {b:>3}   {v:8.1f} tok/s" for b, v in r["decode"].items()]
+    lines.append(f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The ``llamarun`` command line: generate, info, bench.
+
+Every failure a user can cause ends in one line on stderr (``llamarun: error: ...``) and exit code 2
+(usage: bad argument or input file) or 1 (runtime failure); set LLAMARUN_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import LlamarunError, UsageError
+
+
+def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", help="checkpoint: .gguf, llama2.c .bin, or a Meta/HF directory "
+                                                "(default: the embedded SmolLM2-135M-Instruct)")
+    else:
+        p.add_argument("-m", "--model", help="checkpoint: .gguf, llama2.c .bin, or a Meta/HF directory "
+                                             "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("-z", "--tokenizer", help="tokenizer file, when the checkpoint has none beside it")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (auto: bf16/fp16 on GPU, fastest correct on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamarun", description="Run LLaMA-family models on the hardware you have.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="complete prompts (tokens stream as they are generated)",
+                       description="Complete each PROMPT (or standard input). Stats go to stderr.")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; several prompts run as one batch")
+    _add_model_args(g)
+    g.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    g.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass in (0, 1] (default 0.9)")
+    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--echo", action="store_true", help="include the prompt in the output")
+    g.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    g.add_argument("--json", action="store_true", help="print one JSON object (texts, token ids, logprobs, stats)")
+
+    i = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, tensor types, tokenizer")
+    _add_model_args(i, positional=True)
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+
+    b = sub.add_parser("bench", help="measure load time, prefill and decode speed, peak memory")
+    _add_model_args(b)
+    b.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths to time")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time decode at")
+    b.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode per measurement")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from .generation import Llama
+
+    return Llama.load(getattr(args, "model", None), device=args.device, dtype=args.dtype,
+                      max_seq_len=args.max_seq_len, threads=args.threads, tokenizer_path=args.tokenizer)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .sampling import SamplingParams
+    from .tokenizer import StreamDecoder
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"-n/--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    prompts = args.prompts
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt: give PROMPT arguments or pipe text on standard input")
+        prompts = [sys.stdin.read()]
+    llm = _load(args)
+    tok = llm.tokenizer
+    prompt_tokens = [tok.encode(p) for p in prompts]
+    stream_live = len(prompts) == 1 and not args.json
+    out = sys.stdout
+    generated: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
+    finish = ["length"] * len(prompts)
+    decoder = StreamDecoder(tok, prompt_tokens[0]) if stream_live else None
+    if stream_live and args.echo:
+        out.write(prompts[0])
+        out.flush()
+    for r in llm.stream(prompt_tokens, args.max_new_tokens, sampling, logprobs=args.logprobs or args.json,
+                        ignore_eos=args.ignore_eos, seed=args.seed):
+        is_stop = tok.is_stop(r.token) and not args.ignore_eos
+        if is_stop:
+            finish[r.row] = "stop"
+        else:
+            generated[r.row].append(r.token)
+            if r.logprob is not None:
+                logprobs[r.row].append(r.logprob)
+            if decoder is not None:
+                text = decoder.push(r.token)
+                if args.logprobs and text:
+                    text = f"{text}[{r.logprob:.3f}]"
+                out.write(text)
+                out.flush()
+    if decoder is not None:
+        out.write(decoder.flush() + "\n")
+    elif not args.json:
+        for i, p in enumerate(prompts):
+            text = (p if args.echo else "") + tok.decode(generated[i])
+            out.write(f"--- [{i}] ---\n{text}\n")
+            if args.logprobs:
+                out.write(json.dumps([round(x, 4) for x in logprobs[i]]) + "\n")
+    stats = llm.stats
+    summary = {
+        "load_s": round(llm.load_s, 3),
+        "prompt_tokens": stats.prompt_tokens, "prefill_s": round(stats.prefill_s, 4),
+        "prefill_tok_s": round(stats.prefill_tok_s, 1),
+        "generated_tokens": stats.generated_tokens, "decode_s": round(stats.decode_s, 4),
+        "decode_tok_s": round(stats.decode_tok_s, 1),
+        "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
+    }
+    if args.json:
+        results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],
+                    "tokens": generated[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
+                   for i, p in enumerate(prompts)]
+        out.write(json.dumps({"model": str(llm.checkpoint.path), "results": results, "stats": summary}) + "\n")
+    print(f"load {llm.load_s:.2f} s | prefill {stats.prompt_tokens} tok at {stats.prefill_tok_s:.1f} tok/s | "
+          f"decode {stats.generated_tokens} tok at {stats.decode_tok_s:.1f} tok/s | {summary['device']} "
+          f"{summary['dtype']}", file=sys.stderr)
+    return 0
+
+
+def describe(ckpt) -> dict:
+    """What ``llamarun info`` shows, as a dict."""
+    a, tok = ckpt.args, ckpt.tokenizer
+    return {
+        "path": str(ckpt.path), "format": ckpt.format, "architecture": "llama",
+        "parameters": a.num_params(), "layers": a.n_layers, "dim": a.dim, "heads": a.n_heads,
+        "kv_heads": a.n_kv_heads, "head_dim": a.head_dim, "ffn_dim": a.hidden_dim, "vocab_size": a.vocab_size,
+        "context_length": a.max_seq_len, "rope_theta": a.rope_theta, "rope_scaling": bool(a.rope_scaling),
+        "norm_eps": a.norm_eps, "tied_embeddings": a.tie_embeddings,
+        "tensor_types": dict(Counter(ckpt.tensor_types.values())),
+        "tokenizer": {"type": type(tok).__name__, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
+                      "eos_id": tok.eos_id, "stop_ids": sorted(tok.stop_ids), "add_bos": tok.add_bos,
+                      "chat_template": tok.chat_template is not None},
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .formats import load_checkpoint
+    from .generation import default_model_path
+
+    ckpt = load_checkpoint(args.model or default_model_path(), args.tokenizer)
+    d = describe(ckpt)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk}={vv}" for kk, vv in v.items())
+        elif k == "parameters":
+            v = f"{v:,} ({v / 1e6:.1f}M)"
+        print(f"{k:16} {v}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+
+    for n in args.prefill + args.batch + [args.decode_tokens]:
+        if n < 1:
+            raise UsageError(f"bench sizes must be >= 1, got {n}")
+    report = run_bench(args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except LlamarunError as e:
+        print(f"llamarun: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nllamarun: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `llamarun generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # never a traceback for the user, unless asked for
+        if os.environ.get("LLAMARUN_DEBUG"):
+            raise
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            print("llamarun: error: out of memory (try --dtype float16/bfloat16, a smaller --max-seq-len "
+                  "or fewer prompts)", file=sys.stderr)
+            return 1
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"llamarun: error: {type(e).__name__}: {msg} (set LLAMARUN_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

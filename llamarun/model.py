@@ -1,0 +1,192 @@
+"""The LLaMA transformer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Parameter names follow Meta's reference code (``layers.0.attention.wq.weight`` ...), and so does the
+rotary layout (adjacent pairs of a head's dimensions rotate together). Nothing here knows about file
+formats, devices or processes: loaders produce Meta-named tensors, the engine places the model.
+
+Shapes: B batch, S new tokens, T cached tokens, H query heads, K key/value heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference: bf16 sums of squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies [D/2], with Llama 3.1 scaling applied when the model asks for it."""
+    d = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if not s:
+        return freqs
+    if "freq_factors" in s:  # GGUF files carry the divisors precomputed
+        return freqs / torch.tensor(s["freq_factors"], dtype=torch.float64)
+    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    old_ctx = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / freqs
+    # Long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band between
+    # interpolated smoothly: Meta's apply_scaling, vectorised.
+    smooth = ((old_ctx / wavelen) - low) / (high - low)
+    scaled = torch.where(wavelen > old_ctx / low, freqs / factor, freqs)
+    mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(mid, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
+
+
+def rope_cache(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """cos and sin for every position: [seq_len, D/2, 2] float32."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(args))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [B, S, heads, D] by rope [S, D/2, 2] (Meta's complex-number layout)."""
+    xp = x.float().unflatten(-1, (-1, 2))  # [B, S, h, D/2, 2]
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # [S, 1, D/2]
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static key/value cache for one layer: [B, K, max_seq_len, D], written in place."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, S, D] at positions start_pos.. and return all keys/values so far [B, K, T, D]."""
+        b, _, s, _ = k.shape
+        end = start_pos + s
+        self.k[:b, :, start_pos:end] = k
+        self.v[:b, :, start_pos:end] = v
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # [B, K, T, D]
+        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if s == 1:  # one new token sees the whole cache: no mask needed
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif k.shape[2] == s:  # prefill from position 0: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a chunk after cached tokens: query i sees keys up to start_pos + i
+            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A LLaMA model. Call ``setup_cache`` before incremental decoding; without a cache each call
+    attends only to the tokens it is given (a full recompute)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", rope_cache(args, args.max_seq_len), persistent=False)
+        self.cache_shape: tuple[int, int] = (0, 0)  # (batch, max_seq_len) of the current KV cache
+
+    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for ``batch`` rows of up to ``max_seq_len`` tokens (reused when big enough)."""
+        if batch <= self.cache_shape[0] and max_seq_len <= self.cache_shape[1]:
+            return
+        ref = self.tok_embeddings.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        for layer in self.layers:
+            layer.attention.cache = None  # free the old cache before allocating the new one
+            layer.attention.cache = KVCache(batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                                            dtype, ref.device)
+        self.cache_shape = (batch, max_seq_len)
+        if max_seq_len > self.rope.shape[0]:  # serve contexts beyond the trained length if asked to
+            self.rope = rope_cache(self.args, max_seq_len).to(self.rope.device)
+
+    def free_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+        self.cache_shape = (0, 0)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] at positions start_pos..start_pos+S-1 -> float32 logits [B, S, vocab]
+        (or [B, 1, vocab] with ``last_only``, which skips the output layer for the other positions)."""
+        s = tokens.shape[1]
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[start_pos : start_pos + s]
+        for layer in self.layers:
+            h = layer(h, rope, start_pos)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,94 @@
+"""Choosing the next token from logits: temperature, top-k, top-p (nucleus), min-p and penalties.
+
+Everything works on a batch: logits [B, V] float32 -> token ids [B]. Temperature 0 is greedy argmax.
+Nucleus sampling keeps the smallest set of most likely tokens whose probability mass reaches top_p,
+exactly like Meta's ``sample_top_p`` (the token that crosses the threshold is kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. Defaults are Meta's (temperature 0.6, top_p 0.9)."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int | None = None  # None or 0: no top-k cut
+    min_p: float = 0.0  # drop tokens whose probability is below min_p * p(most likely)
+    repetition_penalty: float = 1.0  # CTRL-style: >1 discourages tokens already present
+    frequency_penalty: float = 0.0  # OpenAI-style: subtract count * penalty
+    presence_penalty: float = 0.0  # OpenAI-style: subtract penalty once a token has appeared
+
+    def __post_init__(self) -> None:
+        check_sampling_values(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def check_sampling_values(temperature: float, top_p: float, top_k: int | None = None, min_p: float = 0.0,
+                          repetition_penalty: float = 1.0) -> None:
+    """Raise UsageError naming the first invalid value."""
+    if not (temperature >= 0):  # also rejects NaN
+        raise UsageError(f"temperature must be >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    if not (0 <= min_p <= 1):
+        raise UsageError(f"min_p must be in [0, 1], got {min_p}")
+    if not (repetition_penalty > 0):
+        raise UsageError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor,
+                    params: SamplingParams) -> torch.Tensor:
+    """Penalise tokens already seen. history [B, T] ids, history_mask [B, T] which of them count."""
+    if not params.uses_penalties:
+        return logits
+    counts = torch.zeros_like(logits)
+    counts.scatter_add_(1, history.clamp(min=0), history_mask.to(logits.dtype))
+    seen = counts > 0
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities [B, V] after temperature, top-k, min-p and top-p; renormalised, zeros outside."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k:
+        kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
+        probs = torch.where(probs < kth, 0.0, probs)
+    if params.min_p > 0:
+        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < floor, 0.0, probs)
+    if params.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p (Meta: cumsum - p > top_p).
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) > params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from logits [B, V] -> [B] (int64)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = filtered_probs(logits, params)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
