@@ -12,6 +12,7 @@ are searched for a stop token.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
-from .model import Transformer, rope_cache
+from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
 
@@ -52,20 +53,29 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
     with torch.device("meta"):
         model = Transformer(args)
     for name, param in list(model.named_parameters()):  # a tied output weight is listed once
-        try:
-            tensor = ckpt.tensors[name]
-        except KeyError:
-            raise FormatError(f"{ckpt.path}: missing tensor {name}") from None
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise FormatError(f"{ckpt.path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                              f"the config implies {tuple(param.shape)}")
+        value = load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype)
         module_name, _, leaf = name.rpartition(".")
-        value = tensor.to(device=device, dtype=dtype)
         model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.rope = rope_cache(args, args.max_seq_len).to(device)
     return model.eval()
+
+
+def load_parameter(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The checkpoint tensor(s) behind one model parameter, concatenated if the model fuses them,
+    checked against the shape the config implies."""
+    parts = []
+    for part in checkpoint_names(name):
+        try:
+            parts.append(ckpt.tensors[part])
+        except KeyError:
+            raise FormatError(f"{ckpt.path}: missing tensor {part}") from None
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if tuple(tensor.shape) != shape:
+        shapes = " + ".join(str(tuple(p.shape)) for p in parts)
+        raise FormatError(f"{ckpt.path}: tensor {name} has shape {shapes}, the config implies {shape}")
+    return tensor
 
 
 @dataclass
@@ -153,6 +163,25 @@ class Llama:
             model = build_model(ckpt, dev, dt)
         return cls(model, ckpt.tokenizer, max_seq_len, max_batch_size, ckpt, time.perf_counter() - t0)
 
+    @classmethod
+    def build(cls, ckpt_dir: str, tokenizer_path: str | None = None, max_seq_len: int = 2048,
+              max_batch_size: int = 32, model_parallel_size: int | None = None, seed: int = 1,
+              **load_kwargs) -> "Llama":
+        """Meta's ``Llama.build``, minus the process group: one process runs the whole model.
+
+        Under ``torchrun --nproc_per_node 1`` the distributed environment variables are present but a
+        world of one needs no communication, so no process group (and no NCCL) is ever initialised.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 or (model_parallel_size or 1) > 1:
+            raise UsageError(f"llamarun runs a model in one process (world size {world} requested): "
+                             "use --nproc_per_node 1; shards of a checkpoint are merged on load")
+        if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            raise UsageError("LOCAL_RANK > 0 without a multi-process world")
+        torch.manual_seed(seed)
+        return cls.load(ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                        max_batch_size=max_batch_size, **load_kwargs)
+
     # ---- the token stream ------------------------------------------------------------------------------
     def stream(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, sampling: SamplingParams | None = None,
                *, logprobs: bool = False, ignore_eos: bool = False, seed: int | None = None,
@@ -166,6 +195,8 @@ class Llama:
         bsz = len(prompt_tokens)
         if bsz == 0:
             return
+        if bsz > self.max_batch_size:
+            raise UsageError(f"{bsz} prompts in one batch, more than max_batch_size {self.max_batch_size}")
         if max_gen_len < 0:
             raise UsageError(f"max_gen_len must be >= 0, got {max_gen_len}")
         lengths = [len(p) for p in prompt_tokens]
@@ -181,7 +212,9 @@ class Llama:
         total_len = min(self.max_seq_len, max_gen_len + max(lengths))
         dev = self.device
         gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        # Without a seed, draw one from the global RNG: torch.manual_seed (as Llama.build does) then
+        # makes runs reproducible, like Meta's code.
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
         tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=dev)
         for i, p in enumerate(prompt_tokens):
@@ -297,3 +330,24 @@ class Llama:
                      "tokens": [self.tokenizer.decode([x]) for x in t],
                      "logprobs": lp} for t, lp in zip(tokens, lps)]
         return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(self, dialogs: list, temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, logprobs: bool = False, **kwargs) -> list[dict]:
+        """Meta's ``chat_completion``: [{"generation": {"role": "assistant", "content": str}}]
+        (+ "tokens", "logprobs"). The prompt follows the model's chat template (see :mod:`llamarun.chat`)."""
+        from .chat import UNSAFE_ERROR, encode_dialog, has_unsafe_tags
+
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        prompt_tokens = [encode_dialog(d, self.tokenizer) for d in dialogs]
+        unsafe = [has_unsafe_tags(d, self.tokenizer) for d in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, **kwargs)
+        results = []
+        for i, t in enumerate(tokens):
+            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            r: dict = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                r["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                r["logprobs"] = lps[i]
+            results.append(r)
+        return results

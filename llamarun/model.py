@@ -86,49 +86,65 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. wq, wk and wv are fused into one ``wqkv`` projection: one matrix
+    product instead of three, which matters at batch 1 where each product is a pass over memory."""
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_size, self.kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=False)
+        self.wo = nn.Linear(self.q_size, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), rope)
+        k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), rope)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, K, T, D]
-        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads, without copies.
+        gqa = self.n_kv_heads != self.n_heads
         if s == 1:  # one new token sees the whole cache: no mask needed
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         elif k.shape[2] == s:  # prefill from position 0: plain causal attention
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # a chunk after cached tokens: query i sees keys up to start_pos + i
             mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 fused into one ``w13`` projection."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+# Fused parameters and the Meta-named checkpoint tensors they are made of, concatenated on dim 0.
+FUSED = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
+
+
+def checkpoint_names(param_name: str) -> tuple[str, ...]:
+    """The Meta-named checkpoint tensors that make up a model parameter (one, or several if fused)."""
+    for fused, parts in FUSED.items():
+        if param_name.endswith("." + fused):
+            base = param_name[: -len(fused)]
+            return tuple(base + p for p in parts)
+    return (param_name,)
 
 
 class TransformerBlock(nn.Module):

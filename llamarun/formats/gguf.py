@@ -8,6 +8,9 @@ type through ``gguf.quants``.
 from __future__ import annotations
 
 import re
+import struct
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +65,70 @@ def gguf_to_meta_name(name: str) -> str | None:
     return None
 
 
-def open_reader(path: str | Path) -> "gguf.GGUFReader":
-    """Open a GGUF file, turning every parse failure into a one-line FormatError."""
+# GGUF value types -> struct format of one scalar (8 = string, 9 = array are handled apart).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+@dataclass
+class TensorInfo:
+    """One tensor of a GGUF file: raw data (a memory-mapped view) and its type and torch-order shape."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order: [out, in]
+    tensor_type: QT
+    data: np.ndarray  # raw bytes (uint8) of the tensor, memory-mapped
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    meta: dict[str, Any]
+    tensors: list[TensorInfo]
+
+
+class _Cursor:
+    """Sequential little-endian reads from a bytes-like buffer."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype == 8:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == 9:
+            itype, count = self.scalar("<I"), self.scalar("<Q")
+            if itype in _NUMPY:  # numeric arrays in one go (token types, scores)
+                arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.pos)
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(itype) for _ in range(count)]
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def open_reader(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header, metadata and tensor table; tensor data stays memory-mapped.
+
+    Written here rather than using ``gguf.GGUFReader`` because that reader builds a numpy view per
+    vocabulary entry and takes seconds on a 49k-token vocabulary; this takes milliseconds. Every parse
+    failure becomes a one-line FormatError.
+    """
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
@@ -72,22 +137,44 @@ def open_reader(path: str | Path) -> "gguf.GGUFReader":
     if magic != b"GGUF":
         raise FormatError(f"{path}: not a GGUF file (bad magic {magic!r})")
     try:
-        return gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        cur = _Cursor(memoryview(mm))
+        cur.pos = 4
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
+        align = int(meta.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        data_start = -(-cur.pos // align) * align
+        tensors = []
+        for name, dims, qtype, offset in infos:
+            qt = QT(qtype)
+            block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qt]
+            n_elems = int(np.prod(dims))
+            nbytes = n_elems // block_elems * block_bytes
+            begin = data_start + offset
+            if begin + nbytes > len(mm):
+                raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+            tensors.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qt, mm[begin : begin + nbytes]))
+    except FormatError:
+        raise
+    except Exception as e:  # struct.error, ValueError (bad enum), MemoryError on absurd counts...
         raise FormatError(f"{path}: corrupted or truncated GGUF file ({type(e).__name__}: {e})") from None
+    return GGUFFile(path, meta, tensors)
 
 
-def read_metadata(reader: "gguf.GGUFReader") -> dict[str, Any]:
+def read_metadata(reader: GGUFFile) -> dict[str, Any]:
     """All key/value metadata as plain Python values (strings, numbers, lists)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception as e:
-            raise FormatError(f"GGUF metadata key {key!r} is corrupted ({e})") from None
-    return meta
+    return reader.meta
 
 
 def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -95,21 +182,27 @@ def _f16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[..., start : start + 2].contiguous().view(torch.float16).float()
 
 
-def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
-    """One GGUF tensor's raw data to a float tensor of ``shape`` (numpy order, [out, in]).
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A torch view of a (read-only, memory-mapped) numpy array, without copying it."""
+    with warnings.catch_warnings():  # torch warns that it cannot protect read-only memory; we never write it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
 
-    F32/F16/BF16 keep their dtype (no copy beyond the mmap); quantized types become float32.
+
+def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
+    """One GGUF tensor's raw bytes to a float tensor of ``shape`` (torch order, [out, in]).
+
+    F32/F16/BF16 keep their dtype and stay memory-mapped (no copy); quantized types become float32.
     """
     if qtype == QT.F32:
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+        return _tensor(data.view(np.float32)).reshape(shape)
     if qtype == QT.F16:
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float16)).reshape(shape)
+        return _tensor(data.view(np.float16)).reshape(shape)
     if qtype == QT.BF16:
-        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.int16))
-        return raw.view(torch.bfloat16).reshape(shape)
+        return _tensor(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
     if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
         block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).reshape(-1, block_bytes)
+        raw = _tensor(data).reshape(-1, block_bytes)
         if qtype == QT.Q8_0:  # [d: f16][32 x int8]
             q = raw[:, 2:].view(torch.int8).float()
             out = q * _f16_column(raw, 0)
@@ -120,7 +213,7 @@ def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Ten
             d = _f16_column(raw, 0)
             out = (q - 8.0) * d if qtype == QT.Q4_0 else q * d + _f16_column(raw, 2)
         return out.reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(data, qtype)).reshape(shape)
+    return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), qtype)).reshape(shape)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -133,11 +226,11 @@ def load(path: str | Path) -> Checkpoint:
     reader = open_reader(path)
     meta = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
-    # numpy order: GGUF lists dims innermost-first, torch wants [out, in].
-    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
+    shapes = {name: t.shape for name, t in tensors.items()}
     args = ModelArgs.from_gguf(meta, shapes)
     if "rope_freqs.weight" in tensors:  # Llama 3.1: per-frequency divisors precomputed by the converter
-        factors = dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type, (-1,))
+        rf = tensors["rope_freqs.weight"]
+        factors = dequantize(rf.data, rf.tensor_type, (-1,))
         args.rope_scaling = {"freq_factors": factors.float().tolist()}
 
     loaders, types = {}, {}

@@ -1,0 +1,67 @@
+"""Shared fixtures: the embedded default model, loaded once, and HF transformers as the reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZERS = REPO.parent / "shared" / "data" / "llama2-tokenizer"
+
+# The five prompts every parity check uses.
+PROMPTS = [
+    "What is the largest animal?",
+    "Once upon a time, a big lion and a small rabbit",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Explain why the sky is blue in one sentence.",
+]
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from llamarun.generation import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """SmolLM2-135M-Instruct in float32 on the CPU (shared: tests must not change its settings)."""
+    from llamarun import Llama
+
+    return Llama.load(device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    """HF transformers loading the same GGUF in float32: the reference implementation."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    p = default_model_path
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    return model.eval()
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m llamarun ARGS`` as a user would, capturing text output."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("LLAMARUN_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "llamarun", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout, env=env, cwd=REPO)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    """The CLI failed the way users should see failures: exit code, one stderr line, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llamarun: error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])

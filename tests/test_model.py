@@ -1,0 +1,113 @@
+"""The transformer against HF transformers (the reference), and its own invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from llamarun.config import ModelArgs, meta_ffn_hidden_dim
+from llamarun.model import Transformer, rope_frequencies
+
+
+def _ids(llm, prompt: str) -> torch.Tensor:
+    return torch.tensor([llm.tokenizer.encode(prompt)])
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logits_match_transformers(llm, hf_model, prompt):
+    ids = _ids(llm, prompt)
+    with torch.inference_mode():
+        ours = llm.model(ids, 0)
+        ref = hf_model(ids).logits.float()
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < 1e-3
+
+
+def test_greedy_continuations_match_transformers(llm, hf_model):
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS]
+    ours, _ = llm.generate(prompts, 32, temperature=0, ignore_eos=True)
+    for prompt, mine in zip(prompts, ours):
+        with torch.inference_mode():
+            ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    eos_token_id=None, pad_token_id=0)
+        assert mine == ref[0, len(prompt):].tolist()
+
+
+def test_kv_cache_decoding_equals_full_recompute(llm):
+    ids = _ids(llm, PROMPTS[1])
+    n = ids.shape[1]
+    model = llm.model
+    with torch.inference_mode():
+        full = model(ids, 0)
+        model.setup_cache(1, n)
+        step = [model(ids[:, :4], 0)]
+        step += [model(ids[:, i : i + 1], i) for i in range(4, n - 3)]
+        step.append(model(ids[:, n - 3 :], n - 3))  # a chunk after cached tokens (masked attention)
+    assert torch.allclose(torch.cat(step, dim=1), full, atol=1e-4)
+
+
+def tiny_args(**kw) -> ModelArgs:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def test_tied_embeddings_share_storage():
+    torch.manual_seed(0)
+    m = Transformer(tiny_args(tie_embeddings=True))
+    assert m.output.weight is m.tok_embeddings.weight
+    assert Transformer(tiny_args()).output.weight is not None
+
+
+def test_gqa_equals_repeated_heads():
+    """n_kv_heads < n_heads must equal a full multi-head model whose k/v heads are repeated."""
+    torch.manual_seed(0)
+    gqa = Transformer(tiny_args(n_kv_heads=2)).eval()
+    mha = Transformer(tiny_args(n_kv_heads=4)).eval()
+    sd = gqa.state_dict()
+    d, hd = 64, 16
+    for i in range(2):
+        w = sd[f"layers.{i}.attention.wqkv.weight"]
+        q, k, v = w.split([64, 32, 32])
+        rep = lambda t: t.view(2, hd, d).repeat_interleave(2, dim=0).reshape(64, d)
+        sd[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 9))
+    with torch.inference_mode():
+        assert torch.allclose(gqa(x), mha(x), atol=1e-5)
+
+
+def test_rope_scaling_matches_meta_reference():
+    """Vectorised Llama 3.1 scaling equals Meta's loop (apply_scaling in llama3 model.py)."""
+    args = tiny_args(dim=512, n_heads=4, rope_theta=500000.0, rope_scaling={
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    expected = []
+    for freq in base.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4:
+            expected.append(freq)
+        elif wavelen > 8192 / 1:
+            expected.append(freq / 8)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            expected.append((1 - smooth) * freq / 8 + smooth * freq)
+    assert torch.allclose(rope_frequencies(args), torch.tensor(expected, dtype=torch.float64))
+    assert torch.equal(rope_frequencies(tiny_args()), 1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)))
+
+
+def test_meta_ffn_dim():
+    assert meta_ffn_hidden_dim(4096, 256, None) == 11008  # Llama 2 7B
+    assert meta_ffn_hidden_dim(4096, 1024, 1.3) == 14336  # Llama 3 8B
+    assert meta_ffn_hidden_dim(5120, 256, None) == 13824  # Llama 2 13B
+
+
+def test_default_model_config(llm):
+    a = llm.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (576, 30, 9, 3, 49152)
+    assert a.rope_theta == 100000.0 and a.tie_embeddings
+    assert 134_000_000 < a.num_params() < 135_000_000
