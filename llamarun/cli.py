@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """Reject bad values before spending seconds on loading a model."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise UsageError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    from .device import pick_device
+
+    pick_device(args.device)
+
+
 def _load(args: argparse.Namespace):
     from .generation import Llama
 
@@ -76,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UsageError(f"-n/--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    _check_common(args)
     prompts = args.prompts
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():
@@ -176,6 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for n in args.prefill + args.batch + [args.decode_tokens]:
         if n < 1:
             raise UsageError(f"bench sizes must be >= 1, got {n}")
+    _check_common(args)
     report = run_bench(args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -102,7 +102,7 @@ def physical_cores() -> int:
 
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` torch threads (default: physical cores); returns the number set."""
-    n = n or physical_cores()
+    n = physical_cores() if n is None else n
     if n < 1:
         raise UsageError(f"threads must be >= 1, got {n}")
     torch.set_num_threads(n)

@@ -1,0 +1,186 @@
+"""The command line as a user runs it: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+
+def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers: int = 1) -> Path:
+    """A tiny random LLaMA GGUF with a byte-level gpt2 vocabulary (256 bytes + one merge)."""
+    import gguf
+    from llamarun.tokenizer import bytes_to_unicode
+
+    dim, hidden, vocab = 32, 64, 257
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(64)
+    w.add_embedding_length(dim)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(list(bytes_to_unicode().values()) + ["ab"])
+    w.add_token_merges(["a b"])
+    w.add_token_types([1] * vocab)
+    w.add_eos_token_id(0)
+    rng = np.random.default_rng(0)
+
+    def tensor(name, shape):
+        a = rng.standard_normal(shape).astype(np.float32)
+        if weight_type == gguf.GGMLQuantizationType.Q8_1:  # no quantizer for it: raw zero blocks will do
+            raw = np.zeros(gguf.quants.quant_shape_to_byte_shape(shape, weight_type), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=weight_type)
+        elif weight_type is not None and len(shape) == 2:
+            w.add_tensor(name, gguf.quants.quantize(a, weight_type), raw_dtype=weight_type)
+        else:
+            w.add_tensor(name, a)
+
+    tensor("token_embd.weight", (vocab, dim))
+    tensor("output_norm.weight", (dim,))
+    for i in range(n_layers):
+        for n, shape in [("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (dim, dim)), ("attn_k", (16, dim)),
+                         ("attn_v", (16, dim)), ("attn_output", (dim, dim)), ("ffn_gate", (hidden, dim)),
+                         ("ffn_up", (hidden, dim)), ("ffn_down", (dim, hidden))]:
+            tensor(f"blk.{i}.{n}.weight", shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_generate_paris():
+    proc = run_cli("generate", "The capital of France is", "-n", "8", "-t", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(" Paris"), proc.stdout
+    assert "decode" in proc.stderr and "tok/s" in proc.stderr and "load" in proc.stderr
+
+
+def test_generate_json_batch_and_logprobs():
+    proc = run_cli("generate", "The capital of France is", "def fibonacci(n):", "-n", "6", "-t", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [r["prompt"] for r in out["results"]] == ["The capital of France is", "def fibonacci(n):"]
+    first = out["results"][0]
+    assert first["text"].startswith(" Paris")
+    assert len(first["tokens"]) == len(first["logprobs"]) <= 6
+    assert all(lp <= 0 for lp in first["logprobs"])
+    assert out["stats"]["generated_tokens"] >= 1 and out["stats"]["decode_tok_s"] >= 0
+
+
+def test_tiny_model_stdin_echo_seed(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    args = ["generate", "-m", str(model), "-n", "5", "--seed", "7", "--echo", "-t", "1.0"]
+    a = run_cli(*args, input="hello")
+    b = run_cli(*args, input="hello")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("hello")
+
+
+def test_info_default_model():
+    proc = run_cli("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["format"] == "gguf" and info["layers"] == 30 and info["kv_heads"] == 3
+    assert info["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert info["tokenizer"]["type"] == "BPETokenizer" and 2 in info["tokenizer"]["stop_ids"]
+    text = run_cli("info").stdout
+    assert "parameters" in text and "134." in text
+
+
+@pytest.mark.parametrize("quant", [None, "Q8_0", "Q4_0"])
+def test_tiny_quantized_models_run(tmp_path, quant):
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
+    model = write_tiny_gguf(tmp_path / "t.gguf", weight_type=qtype)
+    proc = run_cli("generate", "-m", str(model), "ab", "-n", "3", "-t", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["results"][0]["tokens"]) <= 3
+
+
+# ---- errors: one line, the right exit code, no traceback ----------------------------------------------
+
+def test_missing_model_file(tmp_path):
+    assert_one_line_error(run_cli("generate", "-m", str(tmp_path / "nope.gguf"), "hi"), 2, "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"this is not a model at all")
+    assert_one_line_error(run_cli("generate", "-m", str(bad), "hi"), 2, "not a GGUF")
+    assert_one_line_error(run_cli("info", str(bad)), 2, "not a GGUF")
+
+
+@pytest.mark.parametrize("keep", [100, 1_000_000, 50_000_000])
+def test_truncated_gguf(tmp_path, default_model_path, keep):
+    cut = tmp_path / "cut.gguf"
+    with open(default_model_path, "rb") as f:
+        cut.write_bytes(f.read(keep))
+    assert_one_line_error(run_cli("info", str(cut)), 2, "cut.gguf", "truncated")
+
+
+def test_corrupted_gguf_header(tmp_path):
+    model = write_tiny_gguf(tmp_path / "c.gguf")
+    data = bytearray(model.read_bytes())
+    data[8:16] = (2**62).to_bytes(8, "little")  # absurd tensor count
+    model.write_bytes(bytes(data))
+    assert_one_line_error(run_cli("info", str(model)), 2, "c.gguf", "corrupted")
+
+
+def test_unsupported_architecture(tmp_path):
+    model = write_tiny_gguf(tmp_path / "g.gguf", arch="gpt2")
+    assert_one_line_error(run_cli("generate", "-m", str(model), "hi"), 2, "architecture", "gpt2")
+
+
+def test_unsupported_tensor_type(tmp_path):
+    import gguf
+
+    model = write_tiny_gguf(tmp_path / "q.gguf", weight_type=gguf.GGMLQuantizationType.Q8_1)
+    assert_one_line_error(run_cli("info", str(model)), 2, "unsupported type Q8_1")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-t", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.5"], "top_p"),
+    (["-n", "-3"], "max-new-tokens"),
+    (["--top-k", "-2"], "top_k"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--threads", "0"], "threads"),
+])
+def test_invalid_values(args, needle, capsys):
+    # In-process (the same main() the console script calls): these fail before any model loads.
+    from llamarun.cli import main
+
+    code = main(["generate", "hello", *args])
+    err = capsys.readouterr().err
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), 2, needle)
+
+
+def test_invalid_value_from_a_real_process():
+    assert_one_line_error(run_cli("generate", "hello", "--temperature", "nan"), 2, "temperature")
+
+
+def test_no_prompt_is_a_usage_error():
+    assert_one_line_error(run_cli("generate", input=""), 2, "prompt")
+
+
+def test_prompt_longer_than_context(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert_one_line_error(run_cli("generate", "-m", str(model), "x" * 100), 2, "context length 64")
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("generate", "info", "bench"):
+        assert cmd in proc.stdout

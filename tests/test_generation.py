@@ -1,0 +1,205 @@
+"""Meta's generate semantics, on the default model and on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PROMPTS
+from llamarun import Llama, SamplingParams, UsageError
+from llamarun.config import ModelArgs
+from llamarun.model import Transformer
+from llamarun.sampling import filtered_probs, sample
+from llamarun.tokenizer import Tokenizer
+
+
+class IdTokenizer(Tokenizer):
+    """Ids are their own text ("5 17 3"); stop ids configurable. Enough to drive a tiny model."""
+
+    def __init__(self, vocab_size: int, stop_ids=()) -> None:
+        self.vocab_size = vocab_size
+        self.stop_ids = frozenset(stop_ids)
+        self.eos_id = min(stop_ids) if stop_ids else None
+
+    def encode(self, text, bos=None, eos=False):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+
+def tiny_llama(stop_ids=(), seed: int = 0, vocab: int = 50) -> Llama:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=64, max_seq_len=64)
+    model = Transformer(args).eval()
+    # Larger weights than the default init: sharper distributions, so greedy paths are stable.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return Llama(model, IdTokenizer(vocab, stop_ids))
+
+
+def test_batch_of_different_lengths_equals_each_alone(llm):
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[1:4]]  # 12, 5 and 6 tokens
+    batch, _ = llm.generate(prompts, 10, temperature=0, ignore_eos=True)
+    for p, row in zip(prompts, batch):
+        alone, _ = llm.generate([p], 10, temperature=0, ignore_eos=True)
+        assert row == alone[0]
+
+
+def test_echo_logprobs_equal_minus_cross_entropy(llm):
+    """Prompt scoring: logprob of token t comes from the logits at t-1 (Meta's off-by-one fixed)."""
+    prompt = llm.tokenizer.encode(PROMPTS[1])
+    tokens, logprobs = llm.generate([prompt], 0, logprobs=True, echo=True)
+    assert tokens[0] == prompt
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([prompt]), 0)[0]
+    ce = F.cross_entropy(logits[:-1], torch.tensor(prompt[1:]), reduction="none")
+    assert logprobs[0][0] == 0.0  # the first token has no context to be scored from
+    assert torch.allclose(torch.tensor(logprobs[0][1:]), -ce, atol=1e-4)
+    # And generated tokens carry the logprob the model gave them, when echoed after the prompt.
+    tokens, logprobs = llm.generate([prompt], 4, temperature=0, logprobs=True, echo=True, ignore_eos=True)
+    with torch.inference_mode():
+        logits = llm.model(torch.tensor([tokens[0]]), 0)[0]
+    ce = F.cross_entropy(logits[:-1], torch.tensor(tokens[0][1:]), reduction="none")
+    assert torch.allclose(torch.tensor(logprobs[0][1:]), -ce, atol=1e-4)
+
+
+def test_temperature_zero_is_argmax():
+    llm = tiny_llama()
+    prompt = [3, 7, 11]
+    out, _ = llm.generate([prompt], 8, temperature=0)
+    seq = list(prompt)
+    for _ in range(8):
+        with torch.inference_mode():
+            seq.append(int(llm.model(torch.tensor([seq]), 0)[0, -1].argmax()))
+    assert out[0] == seq[len(prompt):]
+
+
+def test_seeded_sampling_is_reproducible():
+    llm = tiny_llama()
+    a, _ = llm.generate([[1, 2, 3], [4, 5]], 16, temperature=1.0, top_p=1.0, seed=123)
+    b, _ = llm.generate([[1, 2, 3], [4, 5]], 16, temperature=1.0, top_p=1.0, seed=123)
+    c, _ = llm.generate([[1, 2, 3], [4, 5]], 16, temperature=1.0, top_p=1.0, seed=124)
+    assert a == b and a != c
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 40) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.5)
+    probs = torch.softmax(logits / 0.8, dim=-1)
+    # The nucleus, computed the slow way: most likely first, until the mass before a token reaches top_p.
+    nucleus = []
+    for row in probs:
+        order = row.argsort(descending=True).tolist()
+        keep, mass = set(), 0.0
+        for t in order:
+            if mass > 0.5:
+                break
+            keep.add(t)
+            mass += row[t].item()
+        nucleus.append(keep)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        picks = sample(logits, params, gen).tolist()
+        assert all(p in nucleus[i] for i, p in enumerate(picks))
+    filtered = filtered_probs(logits, params)
+    assert torch.allclose(filtered.sum(-1), torch.ones(4))
+
+
+def test_top_k_and_min_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert (filtered_probs(logits, SamplingParams(temperature=1, top_p=1, top_k=2)) > 0).sum() == 2
+    p = filtered_probs(logits, SamplingParams(temperature=1, top_p=1, min_p=0.3))
+    assert (p > 0).tolist() == [[True, True, False, False, False]]
+
+
+def test_each_row_stops_at_its_own_eos():
+    free = tiny_llama()
+    prompts = [[1, 2, 3], [9, 8], [5, 5, 5, 5]]
+    runs, _ = free.generate(prompts, 12, temperature=0)
+    # Make a token that row 0 generates late (not before) a stop token: row 0 must end there, the others go on.
+    j = next(j for j in range(2, 12) if runs[0][j] not in runs[0][:j])
+    stop = runs[0][j]
+    stopping = tiny_llama(stop_ids={stop})
+    out, _ = stopping.generate(prompts, 12, temperature=0)
+    assert out[0] == runs[0][:j]
+    for i in (1, 2):
+        cut = runs[i].index(stop) if stop in runs[i] else 12
+        assert out[i] == runs[i][:cut]
+    events = list(stopping.stream(prompts, 12, SamplingParams(temperature=0)))
+    finished = [e for e in events if e.finished]
+    assert sorted(e.row for e in finished) == [0, 1, 2]
+    assert [e.token for e in events if e.row == 0] == runs[0][: j + 1]  # the stop token itself is streamed
+
+
+def test_stop_token_in_echoed_prompt_does_not_cut_it():
+    llm = tiny_llama(stop_ids={7})
+    out, _ = llm.generate([[1, 7, 2]], 3, temperature=0, echo=True)
+    assert out[0][:3] == [1, 7, 2]
+
+
+def test_ignore_eos_keeps_generating():
+    llm = tiny_llama()
+    first, _ = llm.generate([[1, 2]], 10, temperature=0)
+    stopping = tiny_llama(stop_ids={first[0][0]})
+    assert stopping.generate([[1, 2]], 10, temperature=0)[0] == [[]]
+    assert stopping.generate([[1, 2]], 10, temperature=0, ignore_eos=True)[0] == first
+
+
+def test_prompt_longer_than_context_is_an_error():
+    llm = tiny_llama()
+    with pytest.raises(UsageError, match="context length 64"):
+        llm.generate([list(range(1, 50)) * 2], 4)
+    with pytest.raises(UsageError, match="vocabulary"):
+        llm.generate([[1, 999]], 4)
+    with pytest.raises(UsageError, match="max_gen_len"):
+        llm.generate([[1]], -1)
+    with pytest.raises(UsageError, match="temperature"):
+        llm.generate([[1]], 4, temperature=-0.5)
+    with pytest.raises(UsageError, match="top_p"):
+        llm.generate([[1]], 4, top_p=0)
+
+
+def test_generation_stops_at_the_context_end():
+    llm = tiny_llama()
+    out, _ = llm.generate([[i % 49 + 1 for i in range(60)]], 100, temperature=0)
+    assert len(out[0]) == 4  # 60 prompt tokens + 4 = max_seq_len 64
+
+
+def test_text_completion_shape(llm):
+    res = llm.text_completion(["The capital of France is"], temperature=0, max_gen_len=8)
+    assert set(res[0]) == {"generation"} and res[0]["generation"].startswith(" Paris")
+    res = llm.text_completion(["The capital of France is"], temperature=0, max_gen_len=4, logprobs=True)
+    assert set(res[0]) == {"generation", "tokens", "logprobs"}
+    assert len(res[0]["tokens"]) == len(res[0]["logprobs"]) == 4
+    assert "".join(res[0]["tokens"]) == res[0]["generation"]
+    assert all(lp <= 0 for lp in res[0]["logprobs"])
+
+
+def test_chat_completion_uses_the_chat_template(llm):
+    dialog = [{"role": "user", "content": "What is the capital of France?"}]
+    res = llm.chat_completion([dialog], temperature=0, max_gen_len=24)
+    answer = res[0]["generation"]
+    assert answer["role"] == "assistant" and "Paris" in answer["content"]
+    assert "<|im_end|>" not in answer["content"]
+
+
+def test_penalties_change_sampling():
+    llm = tiny_llama()
+    plain, _ = llm.generate([[1, 2, 3]], 20, temperature=0)
+    rep, _ = llm.generate([[1, 2, 3]], 20, sampling=SamplingParams(temperature=0, repetition_penalty=5.0))
+    assert plain != rep
+    # With a huge presence penalty no generated token repeats a token seen before.
+    seen_once, _ = llm.generate([[1, 2, 3]], 20, sampling=SamplingParams(temperature=0, presence_penalty=1e4))
+    assert len(set(seen_once[0] + [1, 2, 3])) == len(seen_once[0]) + 3
+
+
+def test_inputs_on_another_device_are_moved():
+    """Token ids arrive as plain lists; whatever device the model is on, the engine creates tensors there."""
+    llm = tiny_llama()
+    assert llm.device.type == "cpu"
+    out, _ = llm.generate([torch.tensor([1, 2, 3]).tolist()], 3, temperature=0)
+    assert len(out[0]) == 3
