@@ -3,12 +3,24 @@
     from llamarun import Llama
     llm = Llama.load()                      # the embedded SmolLM2-135M-Instruct, or any checkpoint path
     print(llm.text_completion(["The capital of France is"], temperature=0)[0]["generation"])
+
+Names are imported lazily, so ``import llamarun.model`` needs nothing but torch.
 """
 
-from .config import ModelArgs
-from .errors import FormatError, LlamarunError, UsageError
-from .generation import Llama, TokenResult
-from .sampling import SamplingParams
+from __future__ import annotations
 
-__all__ = ["Llama", "ModelArgs", "SamplingParams", "TokenResult", "LlamarunError", "UsageError", "FormatError"]
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Llama": "generation", "TokenResult": "generation", "ModelArgs": "config", "SamplingParams": "sampling",
+    "LlamarunError": "errors", "UsageError": "errors", "FormatError": "errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'llamarun' has no attribute {name!r}")

@@ -199,6 +199,7 @@ class Llama:
             raise UsageError(f"{bsz} prompts in one batch, more than max_batch_size {self.max_batch_size}")
         if max_gen_len < 0:
             raise UsageError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        prompt_tokens = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompt_tokens]
         lengths = [len(p) for p in prompt_tokens]
         if min(lengths) == 0:
             raise UsageError("a prompt is empty (no tokens): give some text or enable BOS")
@@ -218,7 +219,7 @@ class Llama:
 
         tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=dev)
         for i, p in enumerate(prompt_tokens):
-            tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=dev)
+            tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long).to(dev)  # lists or tensors, any device
         run = _run or _Run(tokens=tokens, prompt_mask=tokens != -1, token_logprobs=None)
         run.tokens, run.prompt_mask = tokens, tokens != -1
         run.token_logprobs = torch.zeros(bsz, total_len, device=dev) if logprobs else None

@@ -201,5 +201,5 @@ def test_inputs_on_another_device_are_moved():
     """Token ids arrive as plain lists; whatever device the model is on, the engine creates tensors there."""
     llm = tiny_llama()
     assert llm.device.type == "cpu"
-    out, _ = llm.generate([torch.tensor([1, 2, 3]).tolist()], 3, temperature=0)
+    out, _ = llm.generate([torch.tensor([1, 2, 3])], 3, temperature=0)
     assert len(out[0]) == 3
