@@ -53,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i, positional=True)
     i.add_argument("--json", action="store_true", help="machine-readable output")
 
+    pl = sub.add_parser("plan", help="what a model needs in memory and how it would be loaded (reads no weights)",
+                        description="Print the memory plan for MODEL (or a known --config) on a device: weights per "
+                                    "choice (native dtype, int8, int4), KV cache, activations, runtime overhead, "
+                                    "the memory available, and the configuration llamarun would load.")
+    pl.add_argument("model", nargs="?", help="checkpoint path (default: the embedded SmolLM2)")
+    pl.add_argument("--config", help="plan for a known model instead: " + ", ".join(_known_configs()))
+    pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (a CUDA device needs no GPU "
+                                                     "here when --memory is given)")
+    pl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    pl.add_argument("--memory", help="memory budget, e.g. 12GiB (default: what the device has free)")
+    pl.add_argument("--max-seq-len", type=int, help="context to plan for (default: the model's)")
+    pl.add_argument("--batch", type=int, default=1, help="rows generated at once (default 1)")
+    pl.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"])
+    pl.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 (and int8) group size")
+    pl.add_argument("--offload-layers", type=int, help="keep this many layers on the CPU (accelerators)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+
     b = sub.add_parser("bench", help="measure load time, prefill and decode speed, peak memory")
     _add_model_args(b)
     b.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths to time")
@@ -182,6 +199,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _known_configs() -> list[str]:
+    from .memory import KNOWN_CONFIGS
+
+    return list(KNOWN_CONFIGS)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .device import pick_device, pick_dtype
+    from .memory import config_by_name, format_plan, make_plan, parse_size
+
+    memory = parse_size(args.memory) if args.memory else None
+    if memory is not None and str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        device = torch.device(args.device)  # planning for a GPU this machine does not have
+        dtype = torch.float16 if args.dtype == "auto" else pick_dtype(args.dtype, device)
+    else:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+    if args.config:
+        if args.model:
+            raise UsageError("give a MODEL path or --config, not both")
+        model_args, name, native = config_by_name(args.config), args.config, "none"
+    else:
+        from .formats import load_checkpoint
+        from .generation import default_model_path
+
+        ckpt = load_checkpoint(args.model or default_model_path())
+        model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
+    plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=args.max_seq_len, memory=memory,
+                     quantize=args.quantize, group_size=args.group_size, offload_layers=args.offload_layers,
+                     native_mode=native)
+    print(json.dumps(dict(plan.to_dict(), model=name), indent=2) if args.json else format_plan(plan, name))
+    return 0
+
+
+def native_quantization(ckpt) -> str:
+    """The quantized mode a checkpoint converts to losslessly: 'int4' for Q4_0/Q4_1 layers, 'int8' for Q8_0."""
+    types = [t for n, t in ckpt.tensor_types.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
+    if types and all(t in ("Q4_0", "Q4_1") for t in types):
+        return "int4"
+    if types and all(t == "Q8_0" for t in types):
+        return "int8"
+    return "none"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
@@ -194,7 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,285 @@
+"""The memory plan: what a model needs in each configuration, what the device has, and what to load.
+
+Everything is computed from ``ModelArgs`` alone, before a single weight is read, so ``llamarun plan`` also
+works for a model the user has not downloaded yet (``--config llama-2-7b``). The same plan is applied when
+loading (``--quantize auto``): native dtype if it fits, else int8, else int4, else int4 with some layers kept
+on the CPU; and if even that cannot fit, a one-line error says how much is missing before anything is
+allocated.
+
+Byte counts follow the formats of :mod:`llamarun.quantize`: int8 is one byte per weight plus a float16
+scale per output channel (per 32-block for GGUF Q8_0 sources); int4 is half a byte per weight plus a
+float16 scale and minimum per 32-block; the output layer (and a tied embedding, which shares it) stays
+int8 in both quantized modes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .config import ModelArgs
+from .errors import RuntimeFailure, UsageError
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Hyper-parameters of common models, for planning before a download (Meta's params.json values).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                        ffn_dim_multiplier=1.3, max_seq_len=4096),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                         ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=131072),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                        ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                         ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                         ffn_dim_multiplier=1.0, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
+    "open-llama-3b": dict(dim=3200, n_layers=26, n_heads=32, vocab_size=32000, hidden_dim=8640, max_seq_len=2048),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768, max_seq_len=256,
+                       tie_embeddings=True),
+}
+
+QUANT_CHOICES = ("none", "int8", "int4")
+DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+# What a process holds before any weight: Python, torch and llamarun's imports on a CPU (measured here:
+# ~230 MiB RSS); on a GPU, the CUDA context, cuBLAS workspaces and the caching allocator's slack.
+CPU_RUNTIME_BYTES = 240 * MiB
+GPU_RUNTIME_BYTES = 600 * MiB
+PREFILL_CHUNK = 512  # the engine feeds long prompts in chunks of this many tokens (bounds activations)
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '12 GB', '800MiB', '1.5G', '123456' -> bytes (GB and GiB both mean 2**30: what users mean)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UsageError(f"cannot read memory size {text!r} (try 12GiB, 800MiB)")
+    unit = {"": 1, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def config_by_name(name: str) -> ModelArgs:
+    """ModelArgs of a known model name (``llama-2-7b``, ...)."""
+    key = name.lower()
+    if key not in KNOWN_CONFIGS:
+        raise UsageError(f"unknown config {name!r}; known: {', '.join(KNOWN_CONFIGS)}")
+    return ModelArgs(**KNOWN_CONFIGS[key])
+
+
+# ---- sizes ------------------------------------------------------------------------------------------------
+
+def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    """[out, in] of one block's linear layers (fused as the model holds them)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return [(q + 2 * kv, args.dim), (args.dim, q), (2 * args.hidden_dim, args.dim), (args.dim, args.hidden_dim)]
+
+
+def quantized_bytes(n: int, k: int, mode: str, group_size: int | None = None) -> int:
+    """Bytes of one [n, k] weight in llamarun's int8 / int4 formats (see llamarun.quantize)."""
+    if mode == "int8":
+        g = group_size or k
+        return n * k + n * (k // g) * 2
+    g = group_size or 32
+    return n * k // 2 + 2 * n * (k // g) * 2
+
+
+def layer_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None) -> int:
+    """One transformer block's weights: linears in ``mode`` ('none' = float), norms in the float dtype."""
+    norms = 2 * args.dim * dtype_bytes
+    if mode == "none":
+        return sum(n * k for n, k in linear_shapes(args)) * dtype_bytes + norms
+    return sum(quantized_bytes(n, k, mode, group_size) for n, k in linear_shapes(args)) + norms
+
+
+def edge_bytes(args: ModelArgs, mode: str, dtype_bytes: int) -> int:
+    """Embedding, output layer and final norm: float when mode is 'none', else int8 (shared when tied)."""
+    table = args.vocab_size * args.dim
+    per_table = table * dtype_bytes if mode == "none" else quantized_bytes(args.vocab_size, args.dim, "int8")
+    return per_table * (1 if args.tie_embeddings else 2) + args.dim * dtype_bytes
+
+
+def weight_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None) -> int:
+    return args.n_layers * layer_bytes(args, mode, dtype_bytes, group_size) + edge_bytes(args, mode, dtype_bytes)
+
+
+def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """Keys and values of every layer for ``batch`` rows of ``seq_len`` tokens."""
+    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * dtype_bytes
+
+
+def activation_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """Peak working memory of one forward pass: a prefill chunk of ``batch`` x min(seq_len, PREFILL_CHUNK)
+    tokens through the widest layer (the fused w13 output and its SwiGLU product), attention scores for one
+    chunk, the logits of the last position, and dequantization tiles."""
+    tokens = batch * min(seq_len, PREFILL_CHUNK)
+    q = args.n_heads * args.head_dim
+    hidden = tokens * (4 * args.dim + q + 2 * args.n_kv_heads * args.head_dim + 3 * args.hidden_dim)
+    scores = batch * args.n_heads * min(seq_len, PREFILL_CHUNK) * seq_len
+    logits = batch * args.vocab_size * 3  # logits, softmax and filtered probabilities, float32
+    return (hidden + scores) * max(dtype_bytes, 4) + logits * 4 + 32 * MiB
+
+
+# ---- the device -------------------------------------------------------------------------------------------
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """Free memory on ``device`` and where the number comes from."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free, f"torch.cuda.mem_get_info({device})"
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()), "MPS recommended max"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free physical pages"
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """A configuration and the arithmetic behind it (bytes)."""
+
+    device: str
+    dtype: str
+    batch: int
+    max_seq_len: int
+    available: int
+    available_source: str
+    weights: dict[str, int]  # whole-model weights per choice: the float dtype, "int8", "int4"
+    kv_cache: int  # on the device (offloaded layers keep theirs on the CPU)
+    activations: int
+    overhead: int
+    quantize: str = "none"  # chosen: "none" | "int8" | "int4"
+    group_size: int | None = None
+    weights_on_device: int = 0
+    offload_layers: int = 0  # layers kept on the CPU (accelerators only)
+    reason: str = ""
+
+    @property
+    def total(self) -> int:
+        """Bytes the chosen configuration needs on the device."""
+        return self.weights_on_device + self.kv_cache + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.available
+
+    @property
+    def label(self) -> str:
+        return self.dtype if self.quantize == "none" else self.quantize
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), total=self.total, fits=self.fits, choice=self.label)
+
+
+def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
+              max_seq_len: int | None = None, memory: int | None = None, quantize: str = "auto",
+              group_size: int | None = None, offload_layers: int | None = None,
+              native_mode: str = "none") -> Plan:
+    """Decide how to load a model on ``device`` within ``memory`` bytes (default: what the device has free).
+
+    ``native_mode`` is the quantization the checkpoint carries losslessly ("int4" for a Q4_0/Q4_1 GGUF,
+    "int8" for Q8_0): with ``quantize='auto'`` it comes first, since dequantizing it would only cost memory
+    and speed. Raises RuntimeFailure, before anything is allocated, when nothing fits.
+    """
+    seq = max_seq_len or args.max_seq_len
+    if batch < 1:
+        raise UsageError(f"batch must be >= 1, got {batch}")
+    if seq < 1:
+        raise UsageError(f"max_seq_len must be >= 1, got {seq}")
+    if quantize not in ("auto",) + QUANT_CHOICES:
+        raise UsageError(f"--quantize must be auto, none, int8 or int4, got {quantize!r}")
+    if group_size is not None and group_size not in (32, 64, 128):
+        raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if offload_layers is not None and not 0 <= offload_layers <= args.n_layers:
+        raise UsageError(f"--offload-layers must be between 0 and {args.n_layers}, got {offload_layers}")
+    if offload_layers and device.type == "cpu":
+        raise UsageError("--offload-layers needs an accelerator device: on the CPU every layer is already there")
+    nbytes = DTYPE_BYTES[dtype]
+    avail, source = (memory, "--memory") if memory is not None else available_bytes(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    plan = Plan(device=str(device), dtype=dtype_name, batch=batch, max_seq_len=seq, available=avail,
+                available_source=source,
+                weights={dtype_name: weight_bytes(args, "none", nbytes),
+                         "int8": weight_bytes(args, "int8", nbytes, group_size),
+                         "int4": weight_bytes(args, "int4", nbytes, group_size)},
+                kv_cache=kv_cache_bytes(args, batch, seq, nbytes), activations=activation_bytes(args, batch, seq, nbytes),
+                overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else CPU_RUNTIME_BYTES, group_size=group_size)
+    if quantize != "auto":
+        order = [quantize]
+    elif native_mode != "none":
+        order = [native_mode] + [m for m in ("int8", "int4") if m != native_mode]
+    else:
+        order = ["none", "int8", "int4"]
+    full_kv = plan.kv_cache
+
+    def choose(mode: str, n_cpu: int) -> Plan:
+        plan.quantize, plan.offload_layers = mode, n_cpu
+        on_dev = args.n_layers - n_cpu
+        plan.weights_on_device = on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
+        plan.kv_cache = full_kv * on_dev // args.n_layers
+        return plan
+
+    tried = []
+    for mode in order:
+        if choose(mode, offload_layers or 0).fits:
+            plan.reason = (f"--quantize {quantize} requested" if quantize != "auto" else
+                           "; ".join(tried + [f"{plan.label} fits"]))
+            if mode == native_mode != "none" and quantize == "auto":
+                plan.reason += f" (the checkpoint's weights convert to {mode} without loss)"
+            return plan
+        tried.append(f"{plan.label} needs {_fmt(plan.total)}")
+
+    mode = order[-1]
+    choose(mode, offload_layers or 0)
+    if device.type == "cpu" or offload_layers is not None:
+        raise RuntimeFailure(f"the model does not fit: {plan.label} needs {_fmt(plan.total)} (weights "
+                             f"{_fmt(plan.weights_on_device)}, KV cache {_fmt(plan.kv_cache)}) but {_fmt(avail)} is "
+                             f"available on {device}: {_fmt(plan.total - avail)} missing; "
+                             "try a smaller --max-seq-len or --batch" +
+                             ("" if device.type == "cpu" else ", or more --offload-layers"))
+    # An accelerator: keep as many layers as fit on it, the rest on the CPU.
+    per_layer = layer_bytes(args, mode, nbytes, group_size) + full_kv // args.n_layers
+    room = avail - edge_bytes(args, mode, nbytes) - plan.activations - plan.overhead
+    on_dev = max(0, min(args.n_layers - 1, room // per_layer))
+    choose(mode, args.n_layers - on_dev)
+    if on_dev == 0:
+        raise RuntimeFailure(f"not even one layer fits on {device}: {_fmt(plan.total + per_layer)} needed, "
+                             f"{_fmt(avail)} available ({_fmt(plan.total + per_layer - avail)} missing); "
+                             "use --device cpu or a smaller --max-seq-len")
+    plan.reason = "; ".join(tried) + f": {on_dev} of {args.n_layers} {mode} layers on {device}, {plan.offload_layers} on the CPU"
+    return plan
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def format_plan(plan: Plan, name: str) -> str:
+    """The human-readable table ``llamarun plan`` prints."""
+    rows = [f"model        {name}", f"device       {plan.device} ({plan.dtype}), batch {plan.batch} x "
+            f"{plan.max_seq_len} tokens",
+            f"available    {_fmt(plan.available)} ({plan.available_source})", "weights"]
+    rows += [f"  {k:10} {_fmt(v):>12}" for k, v in plan.weights.items()]
+    rows += [f"kv cache     {_fmt(plan.kv_cache):>14}   (batch {plan.batch} x {plan.max_seq_len} tokens)",
+             f"activations  {_fmt(plan.activations):>14}",
+             f"runtime      {_fmt(plan.overhead):>14}",
+             f"total        {_fmt(plan.total):>14}   ({plan.label}"
+             + (f", {plan.offload_layers} layers on the CPU" if plan.offload_layers else "") + ")",
+             f"verdict      {plan.label}{' with offload' if plan.offload_layers else ''}: {plan.reason}"]
+    return "\n".join(rows)
