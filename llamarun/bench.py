@@ -20,15 +20,13 @@ def peak_rss_mib() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def run_bench(args) -> dict:
-    """Measure with the options of ``llamarun bench`` (an argparse namespace)."""
-    from .generation import Llama
+def run_bench(llm, args) -> dict:
+    """Measure a loaded model with the options of ``llamarun bench`` (an argparse namespace)."""
     from .sampling import SamplingParams
 
-    llm = Llama.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                     threads=args.threads, tokenizer_path=args.tokenizer)
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
+        "mode": llm.plan.label if llm.plan else "none",
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }
@@ -54,7 +52,8 @@ def run_bench(args) -> dict:
 
 def format_report(r: dict) -> str:
     """A few human-readable lines."""
-    lines = [f"model   {r['model']}", f"device  {r['device']} {r['dtype']} ({r['threads']} threads, {r['cpu']})",
+    lines = [f"model   {r['model']}",
+             f"device  {r['device']} {r['mode']}, activations {r['dtype']} ({r['threads']} threads, {r['cpu']})",
              f"load    {r['load_s']:.2f} s"]
     lines += [f"prefill {n:>5} tokens  {v:8.1f} tok/s" for n, v in r["prefill"].items()]
     lines += [f"decode  batch {b:>3}   {v:8.1f} tok/s" for b, v in r["decode"].items()]

@@ -28,7 +28,15 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: bf16/fp16 on GPU, fastest correct on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
-    p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's)")
+    p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's, at most 4096)")
+    if positional:
+        return
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight quantization (auto: the checkpoint's own precision if it fits, else int8, "
+                        "else int4, else offload some layers to the CPU)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="quantization group size")
+    p.add_argument("--offload-layers", type=int, help="keep this many layers on the CPU (GPU runs)")
+    p.add_argument("--gpu-memory", help="memory budget on the device, e.g. 10GiB (default: what it has free)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +98,26 @@ def _check_common(args: argparse.Namespace) -> None:
     pick_device(args.device)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, batch: int = 1):
+    """Load the model as the plan says and announce the configuration in one line on stderr."""
     from .generation import Llama
+    from .memory import parse_size
 
-    return Llama.load(getattr(args, "model", None), device=args.device, dtype=args.dtype,
-                      max_seq_len=args.max_seq_len, threads=args.threads, tokenizer_path=args.tokenizer)
+    llm = Llama.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                     threads=args.threads, tokenizer_path=args.tokenizer, quantize=args.quantize,
+                     group_size=args.group_size, offload_layers=args.offload_layers, max_batch_size=batch,
+                     memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
+    print(f"llamarun: {llm.checkpoint.path.name}: {plan_summary(llm.plan)}", file=sys.stderr)
+    return llm
+
+
+def plan_summary(plan) -> str:
+    """One line: what was loaded where, and why."""
+    from .memory import _fmt
+
+    split = f", {plan.offload_layers} layers on cpu" if plan.offload_layers else ""
+    return (f"{plan.label} on {plan.device}{split}, {_fmt(plan.weights_on_device)} weights, "
+            f"{_fmt(plan.total)} planned of {_fmt(plan.available)} ({plan.reason})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -110,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: give PROMPT arguments or pipe text on standard input")
         prompts = [sys.stdin.read()]
-    llm = _load(args)
+    llm = _load(args, batch=len(prompts))
     tok = llm.tokenizer
     prompt_tokens = [tok.encode(p) for p in prompts]
     stream_live = len(prompts) == 1 and not args.json
@@ -209,7 +232,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from .device import pick_device, pick_dtype
-    from .memory import config_by_name, format_plan, make_plan, parse_size
+    from .memory import config_by_name, format_plan, make_plan, native_quantization, parse_size
 
     memory = parse_size(args.memory) if args.memory else None
     if memory is not None and str(args.device).startswith("cuda") and not torch.cuda.is_available():
@@ -235,16 +258,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def native_quantization(ckpt) -> str:
-    """The quantized mode a checkpoint converts to losslessly: 'int4' for Q4_0/Q4_1 layers, 'int8' for Q8_0."""
-    types = [t for n, t in ckpt.tensor_types.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
-    if types and all(t in ("Q4_0", "Q4_1") for t in types):
-        return "int4"
-    if types and all(t == "Q8_0" for t in types):
-        return "int8"
-    return "none"
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
@@ -252,7 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if n < 1:
             raise UsageError(f"bench sizes must be >= 1, got {n}")
     _check_common(args)
-    report = run_bench(args)
+    report = run_bench(_load(args, batch=max(args.batch)), args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -78,6 +78,33 @@ def load_parameter(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> torch
     return tensor
 
 
+def place_layers(model: Transformer, device: torch.device, first_cpu_layer: int) -> None:
+    """Split a model built on the CPU: everything moves to ``device`` except layers ``first_cpu_layer``..,
+    which stay on the CPU and run there (their KV cache too). Hooks move the hidden state across."""
+    cpu = torch.device("cpu")
+    for i, layer in enumerate(model.layers):
+        if i < first_cpu_layer:
+            layer.to(device)
+            continue
+
+        def to_cpu(module, args):
+            return tuple(a.to(cpu) if isinstance(a, torch.Tensor) else a for a in args)
+
+        def back(module, args, output):
+            return output.to(device)
+
+        layer.register_forward_pre_hook(to_cpu)
+        layer.register_forward_hook(back)
+    for name in ("tok_embeddings", "norm", "output"):
+        getattr(model, name).to(device)
+    model.rope = model.rope.to(device)
+    model.offload = (first_cpu_layer, len(model.layers))
+
+
+DEFAULT_MAX_SEQ_LEN = 4096  # default context cap: the KV cache the plan reserves stays modest
+PREFILL_CHUNK = 512  # prompts are fed in chunks of this many tokens, which bounds activation memory
+
+
 @dataclass
 class TokenResult:
     """One generated token of one row."""
@@ -128,7 +155,7 @@ class Llama:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
-                 max_batch_size: int = 32, checkpoint: Checkpoint | None = None, load_s: float = 0.0) -> None:
+                 max_batch_size: int | None = None, checkpoint: Checkpoint | None = None, load_s: float = 0.0) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.args: ModelArgs = model.args
@@ -137,6 +164,7 @@ class Llama:
         self.checkpoint = checkpoint
         self.load_s = load_s
         self.stats = Stats()
+        self.plan = None  # the memory plan the model was loaded with (Llama.load)
 
     @property
     def device(self) -> torch.device:
@@ -148,20 +176,44 @@ class Llama:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", dtype: str = "auto",
-             max_seq_len: int | None = None, max_batch_size: int = 32, threads: int | None = None,
-             tokenizer_path: str | Path | None = None) -> "Llama":
-        """Load a checkpoint (default: the embedded SmolLM2) onto ``device`` in ``dtype``."""
+             max_seq_len: int | None = None, max_batch_size: int | None = None, threads: int | None = None,
+             tokenizer_path: str | Path | None = None, quantize: str = "auto", group_size: int | None = None,
+             offload_layers: int | None = None, memory: int | None = None) -> "Llama":
+        """Load a checkpoint (default: the embedded SmolLM2) onto ``device``, following the memory plan.
+
+        ``quantize='auto'`` keeps the checkpoint's own precision when it fits (a Q4 GGUF stays 4-bit, losslessly),
+        else int8, else int4, else (accelerators) keeps some layers on the CPU; ``none``/``int8``/``int4`` force
+        a mode. ``memory`` (bytes) overrides the budget the device reports. The context defaults to the
+        model's, capped at 4096 tokens (``max_seq_len`` raises it); ``max_batch_size`` (default 1 for the plan,
+        no limit for generation) is what the plan reserves KV cache for. Raises RuntimeFailure, before
+        allocating, when nothing fits.
+        """
+        from .memory import make_plan, native_quantization
+
         t0 = time.perf_counter()
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        if dev.type == "cpu":
-            set_threads(threads)
+        set_threads(threads)
         if max_seq_len is not None and max_seq_len < 1:
             raise UsageError(f"max_seq_len must be >= 1, got {max_seq_len}")
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
+        seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        plan = make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
+                         quantize=quantize, group_size=group_size, offload_layers=offload_layers,
+                         native_mode=native_quantization(ckpt))
         with torch.inference_mode():
-            model = build_model(ckpt, dev, dt)
-        return cls(model, ckpt.tokenizer, max_seq_len, max_batch_size, ckpt, time.perf_counter() - t0)
+            home = torch.device("cpu") if plan.offload_layers else dev
+            if plan.quantize == "none":
+                model = build_model(ckpt, home, dt)
+            else:
+                from .quantize import build_quantized_model
+
+                model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size)
+            if plan.offload_layers:
+                place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
+        llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0)
+        llm.plan = plan
+        return llm
 
     @classmethod
     def build(cls, ckpt_dir: str, tokenizer_path: str | None = None, max_seq_len: int = 2048,
@@ -195,7 +247,7 @@ class Llama:
         bsz = len(prompt_tokens)
         if bsz == 0:
             return
-        if bsz > self.max_batch_size:
+        if self.max_batch_size is not None and bsz > self.max_batch_size:
             raise UsageError(f"{bsz} prompts in one batch, more than max_batch_size {self.max_batch_size}")
         if max_gen_len < 0:
             raise UsageError(f"max_gen_len must be >= 0, got {max_gen_len}")
@@ -232,8 +284,7 @@ class Llama:
         start = min(lengths)
         if logprobs and start == total_len:  # nothing to generate: score the prompt only
             with torch.inference_mode():
-                logits = self.model(tokens[:, :start], 0)
-            self._score(run, logits, 0, start)
+                self._feed(run, 0, start, logprobs=True)
             return
         prev = 0
         t_step = time.perf_counter()
@@ -242,10 +293,7 @@ class Llama:
                 if all(run.done):
                     break
                 # Prefill (first step) feeds min(lengths) tokens, every later step one.
-                logits = self.model(tokens[:, prev:cur], prev, last_only=not logprobs)
-                if logprobs:
-                    self._score(run, logits, prev, cur)
-                last = logits[:, -1]
+                last = self._feed(run, prev, cur, logprobs)
                 if sampling.uses_penalties:
                     last = apply_penalties(last, tokens[:, :cur], tokens[:, :cur] >= 0, sampling)
                 nxt = sample(last, sampling, gen)
@@ -279,6 +327,16 @@ class Llama:
                     stats.decode_tokens += not is_prefill
                     yield TokenResult(i, nxt_l[i], lp_l[i], run.counts[i] - 1, finished)
                 t_step = time.perf_counter()  # time spent in the consumer is not the engine's
+
+    def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
+        """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces), scoring them when asked;
+        returns the logits of the last position [B, V]."""
+        for a in range(prev, cur, PREFILL_CHUNK):
+            b = min(cur, a + PREFILL_CHUNK)
+            logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)
+            if logprobs:
+                self._score(run, logits, a, b)
+        return logits[:, -1]
 
     @staticmethod
     def _score(run: _Run, logits: torch.Tensor, prev: int, cur: int) -> None:

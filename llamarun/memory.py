@@ -52,9 +52,10 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 QUANT_CHOICES = ("none", "int8", "int4")
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-# What a process holds before any weight: Python, torch and llamarun's imports on a CPU (measured here:
-# ~230 MiB RSS); on a GPU, the CUDA context, cuBLAS workspaces and the caching allocator's slack.
-CPU_RUNTIME_BYTES = 240 * MiB
+# What a process holds besides weights and caches: Python, torch and llamarun's imports plus a tokenizer on
+# a CPU (measured here: 234 MiB RSS after imports, 275 MiB with SmolLM2's 49k-token tokenizer); on a GPU,
+# the CUDA context, cuBLAS workspaces and the caching allocator's slack.
+CPU_RUNTIME_BYTES = 280 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB
 PREFILL_CHUNK = 512  # the engine feeds long prompts in chunks of this many tokens (bounds activations)
 
@@ -117,6 +118,16 @@ def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) 
     return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * dtype_bytes
 
 
+def loading_bytes(args: ModelArgs, mode: str, native_mode: str) -> int:
+    """Transient memory while loading: the largest tensor on its way in. A lossless block conversion holds
+    only its raw bytes; anything else holds it in float32 for a moment (measured: about one float32 copy
+    of the largest tensor above the final footprint)."""
+    largest = max(args.vocab_size * args.dim, 2 * args.hidden_dim * args.dim)
+    if mode != "none" and mode == native_mode:
+        return quantized_bytes(largest // args.dim, args.dim, mode)
+    return largest * 4
+
+
 def activation_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """Peak working memory of one forward pass: a prefill chunk of ``batch`` x min(seq_len, PREFILL_CHUNK)
     tokens through the widest layer (the fused w13 output and its SwiGLU product), attention scores for one
@@ -148,6 +159,16 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free physical pages"
 
 
+def native_quantization(ckpt) -> str:
+    """The quantized mode a checkpoint converts to losslessly: 'int4' for Q4_0/Q4_1 layers, 'int8' for Q8_0."""
+    types = [t for n, t in ckpt.tensor_types.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
+    if types and all(t in ("Q4_0", "Q4_1") for t in types):
+        return "int4"
+    if types and all(t == "Q8_0" for t in types):
+        return "int8"
+    return "none"
+
+
 # ---- the plan ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -164,6 +185,7 @@ class Plan:
     kv_cache: int  # on the device (offloaded layers keep theirs on the CPU)
     activations: int
     overhead: int
+    loading: int = 0  # transient while loading (freed before the KV cache and activations exist)
     quantize: str = "none"  # chosen: "none" | "int8" | "int4"
     group_size: int | None = None
     weights_on_device: int = 0
@@ -172,8 +194,9 @@ class Plan:
 
     @property
     def total(self) -> int:
-        """Bytes the chosen configuration needs on the device."""
-        return self.weights_on_device + self.kv_cache + self.activations + self.overhead
+        """Peak bytes the chosen configuration needs on the device: weights and runtime, plus the larger of
+        the loading transient and the KV cache with activations (the first is gone before the others exist)."""
+        return self.weights_on_device + self.overhead + max(self.loading, self.kv_cache + self.activations)
 
     @property
     def fits(self) -> bool:
@@ -233,6 +256,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
         on_dev = args.n_layers - n_cpu
         plan.weights_on_device = on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
         plan.kv_cache = full_kv * on_dev // args.n_layers
+        plan.loading = loading_bytes(args, mode, native_mode)
         return plan
 
     tried = []
@@ -279,6 +303,7 @@ def format_plan(plan: Plan, name: str) -> str:
     rows += [f"kv cache     {_fmt(plan.kv_cache):>14}   (batch {plan.batch} x {plan.max_seq_len} tokens)",
              f"activations  {_fmt(plan.activations):>14}",
              f"runtime      {_fmt(plan.overhead):>14}",
+             f"loading      {_fmt(plan.loading):>14}   (transient, before the KV cache exists)",
              f"total        {_fmt(plan.total):>14}   ({plan.label}"
              + (f", {plan.offload_layers} layers on the CPU" if plan.offload_layers else "") + ")",
              f"verdict      {plan.label}{' with offload' if plan.offload_layers else ''}: {plan.reason}"]

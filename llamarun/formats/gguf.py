@@ -73,12 +73,29 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
 
 @dataclass
 class TensorInfo:
-    """One tensor of a GGUF file: raw data (a memory-mapped view) and its type and torch-order shape."""
+    """One tensor of a GGUF file: its type, torch-order shape and where its bytes are."""
 
     name: str
     shape: tuple[int, ...]  # torch order: [out, in]
     tensor_type: QT
-    data: np.ndarray  # raw bytes (uint8) of the tensor, memory-mapped
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def data(self) -> np.ndarray:
+        """The raw bytes (uint8), read from the file on each access.
+
+        Read rather than memory-mapped: pages of a mapping stay in this process's resident set after the
+        tensor is converted, so loading a model would peak at model + file; a read copy is freed as soon
+        as its converted tensor exists, and the page cache still makes a second load fast.
+        """
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = np.fromfile(f, dtype=np.uint8, count=self.nbytes)
+        if data.size != self.nbytes:
+            raise FormatError(f"{self.path}: tensor {self.name} is truncated")
+        return data
 
 
 @dataclass
@@ -137,7 +154,7 @@ def open_reader(path: str | Path) -> GGUFFile:
     if magic != b"GGUF":
         raise FormatError(f"{path}: not a GGUF file (bad magic {magic!r})")
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")  # only the header is read through this mapping
         cur = _Cursor(memoryview(mm))
         cur.pos = 4
         version = cur.scalar("<I")
@@ -164,7 +181,7 @@ def open_reader(path: str | Path) -> GGUFFile:
             begin = data_start + offset
             if begin + nbytes > len(mm):
                 raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
-            tensors.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qt, mm[begin : begin + nbytes]))
+            tensors.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), qt, path, begin, nbytes))
     except FormatError:
         raise
     except Exception as e:  # struct.error, ValueError (bad enum), MemoryError on absurd counts...
@@ -192,7 +209,7 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
     """One GGUF tensor's raw bytes to a float tensor of ``shape`` (torch order, [out, in]).
 
-    F32/F16/BF16 keep their dtype and stay memory-mapped (no copy); quantized types become float32.
+    F32/F16/BF16 keep their dtype (a view of ``data``, no copy); quantized types become float32.
     """
     if qtype == QT.F32:
         return _tensor(data.view(np.float32)).reshape(shape)
