@@ -1,0 +1,102 @@
+"""The memory plan: its arithmetic, its verdicts, and that it tells the truth about real loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, assert_one_line_error, run_cli
+from llamarun.errors import RuntimeFailure, UsageError
+from llamarun.memory import GiB, config_by_name, make_plan, parse_size
+
+
+def test_llama2_7b_fp16_does_not_fit_12gib_but_int8_does():
+    proc = run_cli("plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
+                   "--max-seq-len", "2048", "--dtype", "float16", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["weights"]["float16"] > 12 * GiB  # 13.5 GB of fp16 weights alone
+    assert plan["choice"] == "int8" and plan["fits"] and plan["offload_layers"] == 0
+    assert "float16 needs" in plan["reason"]
+    text = run_cli("plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
+                   "--max-seq-len", "2048").stdout
+    assert "verdict      int8" in text and "kv cache" in text
+
+
+def test_meta_default_batch_is_a_trap():
+    """Meta's example defaults (max_batch_size 32 x max_seq_len 2048) reserve 32 GiB of KV cache for 7B."""
+    args = config_by_name("llama-2-7b")
+    plan = make_plan(args, torch.device("cuda"), torch.float16, batch=32, max_seq_len=2048, memory=80 * GiB)
+    assert plan.kv_cache == 32 * GiB
+    with pytest.raises(RuntimeFailure, match="missing"):
+        make_plan(args, torch.device("cpu"), torch.float16, batch=32, max_seq_len=2048, memory=12 * GiB)
+
+
+def test_accelerator_too_small_offloads_layers():
+    args = config_by_name("llama-2-7b")
+    plan = make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=4 * GiB)
+    assert plan.quantize == "int4" and 0 < plan.offload_layers < 32 and plan.fits
+    forced = make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=40 * GiB,
+                       quantize="none", offload_layers=8)
+    assert forced.offload_layers == 8 and forced.kv_cache == forced.kv_cache // 24 * 24
+    with pytest.raises(RuntimeFailure, match="not even one layer"):
+        make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=600 * 2**20)
+
+
+def test_plan_errors_are_one_line():
+    assert_one_line_error(run_cli("plan", "--config", "llama-2-70b", "--device", "cpu", "--memory", "8GiB"), 1,
+                          "missing")
+    assert_one_line_error(run_cli("plan", "--config", "llama-9"), 2, "unknown config")
+    assert_one_line_error(run_cli("plan", "--memory", "lots"), 2, "memory size")
+    with pytest.raises(UsageError):
+        parse_size("12 parsecs")
+    assert parse_size("12GiB") == parse_size("12 GB") == 12 * GiB
+
+
+def test_default_model_plan_prefers_lossless_int4():
+    proc = run_cli("plan", "--json")
+    plan = json.loads(proc.stdout)
+    assert plan["choice"] == "int4" and "without loss" in plan["reason"]
+    assert plan["weights"]["int4"] < plan["weights"]["int8"] < plan["weights"]["float32"]
+
+
+def test_offload_split_gives_the_same_tokens(llm):
+    """A split model (hooks move the hidden state to and from the offloaded layers) generates exactly
+    what the whole model does. On this CPU-only machine both sides are the CPU, but the mechanism, the
+    hooks and the KV cache placement are the same ones a GPU run uses."""
+    from llamarun import Llama
+    from llamarun.generation import place_layers
+
+    split = Llama.load(device="cpu", dtype="float32", quantize="none")
+    place_layers(split.model, torch.device("cpu"), first_cpu_layer=20)
+    assert split.model.offload == (20, 30)
+    prompt = [llm.tokenizer.encode("The capital of France is")]
+    assert split.generate(prompt, 8, temperature=0)[0] == llm.generate(prompt, 8, temperature=0)[0]
+
+
+RSS_SCRIPT = """
+import json, resource, sys
+from llamarun import Llama
+llm = Llama.load(sys.argv[1] if sys.argv[1] != '-' else None, quantize=sys.argv[2], max_seq_len=256)
+llm.generate([[1, 2, 3, 4]], 2, temperature=0, ignore_eos=True)
+print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": llm.plan.total}))
+"""
+
+
+def measured_vs_plan(model: str, quantize: str) -> float:
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", RSS_SCRIPT, model, quantize], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["rss"] / out["plan"]
+
+
+@pytest.mark.parametrize("quantize", ["auto", "int8", "none"])
+def test_plan_is_honest_for_the_default_model(quantize):
+    ratio = measured_vs_plan("-", quantize)
+    print(f"SmolLM2 {quantize}: peak RSS / plan = {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
