@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time decode at")
     b.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode per measurement")
     b.add_argument("--json", action="store_true", help="machine-readable output")
+    from . import convert
+
+    convert.add_parser(sub)
     return parser
 
 
@@ -270,7 +273,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "plan": cmd_plan}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+
+    return convert.run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "plan": cmd_plan, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

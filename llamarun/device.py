@@ -101,7 +101,9 @@ def physical_cores() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` torch threads (default: physical cores); returns the number set."""
+    """Use ``n`` torch threads (default: OMP_NUM_THREADS if set, else physical cores); returns the number set."""
+    if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        n = int(os.environ["OMP_NUM_THREADS"])
     n = physical_cores() if n is None else n
     if n < 1:
         raise UsageError(f"threads must be >= 1, got {n}")

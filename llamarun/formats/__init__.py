@@ -66,7 +66,7 @@ def detect_format(path: str | Path) -> str:
         return "gguf"
     if p.suffix == ".gguf":
         raise FormatError(f"{p}: not a GGUF file (bad magic {magic!r})")
-    if p.suffix == ".bin" or magic == b"ak42":
+    if p.suffix == ".bin" or magic == b"24ka":  # llama2.c v1/v2: uint32 0x616b3432 ("ak42") little-endian
         return "llama2c"
     raise FormatError(f"{p}: unrecognised checkpoint format (expected .gguf, a llama2.c .bin or a directory)")
 
@@ -78,4 +78,14 @@ def load_checkpoint(path: str | Path, tokenizer_path: str | Path | None = None) 
         from . import gguf
 
         return gguf.load(path)
-    raise FormatError(f"{path}: the {fmt} format is not supported yet")
+    if fmt == "meta":
+        from . import meta
+
+        return meta.load(path, tokenizer_path)
+    if fmt == "hf":
+        from . import hf
+
+        return hf.load(path, tokenizer_path)
+    from . import llama2c
+
+    return llama2c.load(path, tokenizer_path)
