@@ -213,6 +213,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.model or default_model_path(), args.tokenizer)
     d = describe(ckpt)
+    from .device import pick_device, pick_dtype
+    from .generation import DEFAULT_MAX_SEQ_LEN
+    from .memory import make_plan, native_quantization
+
+    device = pick_device(args.device)
+    try:
+        plan = make_plan(ckpt.args, device, pick_dtype(args.dtype, device),
+                         max_seq_len=args.max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN),
+                         native_mode=native_quantization(ckpt))
+        d["load_plan"] = plan_summary(plan)
+    except LlamarunError as e:
+        d["load_plan"] = f"does not fit: {e}"
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
