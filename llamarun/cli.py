@@ -136,6 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: give PROMPT arguments or pipe text on standard input")
         prompts = [sys.stdin.read()]
+        if not prompts[0].strip():
+            raise UsageError("no prompt: standard input was empty")
     llm = _load(args, batch=len(prompts))
     tok = llm.tokenizer
     prompt_tokens = [tok.encode(p) for p in prompts]
@@ -221,7 +223,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(ckpt.args, device, pick_dtype(args.dtype, device),
                          max_seq_len=args.max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN),
-                         native_mode=native_quantization(ckpt))
+                         **native_quantization(ckpt))
         d["load_plan"] = plan_summary(plan)
     except LlamarunError as e:
         d["load_plan"] = f"does not fit: {e}"
@@ -259,7 +261,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.config:
         if args.model:
             raise UsageError("give a MODEL path or --config, not both")
-        model_args, name, native = config_by_name(args.config), args.config, "none"
+        model_args, name, native = config_by_name(args.config), args.config, {}
     else:
         from .formats import load_checkpoint
         from .generation import default_model_path
@@ -268,7 +270,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
     plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=args.max_seq_len, memory=memory,
                      quantize=args.quantize, group_size=args.group_size, offload_layers=args.offload_layers,
-                     native_mode=native)
+                     **native)
     print(json.dumps(dict(plan.to_dict(), model=name), indent=2) if args.json else format_plan(plan, name))
     return 0
 

@@ -200,7 +200,7 @@ class Llama:
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         plan = make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
                          quantize=quantize, group_size=group_size, offload_layers=offload_layers,
-                         native_mode=native_quantization(ckpt))
+                         **native_quantization(ckpt))
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":

@@ -118,14 +118,18 @@ def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) 
     return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * dtype_bytes
 
 
-def loading_bytes(args: ModelArgs, mode: str, native_mode: str) -> int:
+def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode: str = "none") -> int:
     """Transient memory while loading: the largest tensor on its way in. A lossless block conversion holds
-    only its raw bytes; anything else holds it in float32 for a moment (measured: about one float32 copy
-    of the largest tensor above the final footprint)."""
-    largest = max(args.vocab_size * args.dim, 2 * args.hidden_dim * args.dim)
-    if mode != "none" and mode == native_mode:
-        return quantized_bytes(largest // args.dim, args.dim, mode)
-    return largest * 4
+    only its raw bytes; anything else holds the tensor in float32 for a moment (measured: about one float32
+    copy of the largest tensor above the final footprint). The embedding/output table is int8 in both
+    quantized modes, so it converts losslessly only from int8 blocks (``edge_native_mode``)."""
+    table = args.vocab_size * args.dim
+    layer = 2 * args.hidden_dim * args.dim  # the fused w13
+    if mode == "none":
+        return max(table, layer) * 4
+    layer_t = quantized_bytes(2 * args.hidden_dim, args.dim, mode) if mode == native_mode else layer * 4
+    table_t = quantized_bytes(args.vocab_size, args.dim, "int8") if edge_native_mode == "int8" else table * 4
+    return max(layer_t, table_t)
 
 
 def activation_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
@@ -159,14 +163,21 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free physical pages"
 
 
-def native_quantization(ckpt) -> str:
-    """The quantized mode a checkpoint converts to losslessly: 'int4' for Q4_0/Q4_1 layers, 'int8' for Q8_0."""
-    types = [t for n, t in ckpt.tensor_types.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
-    if types and all(t in ("Q4_0", "Q4_1") for t in types):
-        return "int4"
-    if types and all(t == "Q8_0" for t in types):
-        return "int8"
-    return "none"
+def native_quantization(ckpt) -> dict[str, str]:
+    """The quantized modes a checkpoint converts to losslessly, as make_plan's keyword arguments:
+    ``native_mode`` for the layers ('int4' from Q4_0/Q4_1, 'int8' from Q8_0, else 'none') and
+    ``edge_native_mode`` for the output table (or the embedding it is tied to)."""
+    def mode(types: list[str]) -> str:
+        if types and all(t in ("Q4_0", "Q4_1") for t in types):
+            return "int4"
+        if types and all(t == "Q8_0" for t in types):
+            return "int8"
+        return "none"
+
+    tt = ckpt.tensor_types
+    layers = [t for n, t in tt.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
+    edge = tt.get("output.weight", tt.get("tok_embeddings.weight"))
+    return {"native_mode": mode(layers), "edge_native_mode": mode([edge] if edge else [])}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -213,7 +224,7 @@ class Plan:
 def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
               max_seq_len: int | None = None, memory: int | None = None, quantize: str = "auto",
               group_size: int | None = None, offload_layers: int | None = None,
-              native_mode: str = "none") -> Plan:
+              native_mode: str = "none", edge_native_mode: str = "none") -> Plan:
     """Decide how to load a model on ``device`` within ``memory`` bytes (default: what the device has free).
 
     ``native_mode`` is the quantization the checkpoint carries losslessly ("int4" for a Q4_0/Q4_1 GGUF,
@@ -256,7 +267,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
         on_dev = args.n_layers - n_cpu
         plan.weights_on_device = on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
         plan.kv_cache = full_kv * on_dev // args.n_layers
-        plan.loading = loading_bytes(args, mode, native_mode)
+        plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode)
         return plan
 
     tried = []

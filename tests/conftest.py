@@ -32,10 +32,10 @@ def default_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def llm():
-    """SmolLM2-135M-Instruct in float32 on the CPU (shared: tests must not change its settings)."""
+    """SmolLM2-135M-Instruct dequantized to float32 on the CPU (shared: tests must not change its settings)."""
     from llamarun import Llama
 
-    return Llama.load(device="cpu", dtype="float32")
+    return Llama.load(device="cpu", dtype="float32", quantize="none")
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +57,14 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> subpr
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    """The CLI failed the way users should see failures: exit code, one stderr line, no traceback."""
+    """The CLI failed the way users should see failures: exit code, no traceback, one error line (after
+    at most the one-line announcement of what was loaded, for failures that happen after loading)."""
     assert proc.returncode == code, (proc.returncode, proc.stderr)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("llamarun: error:"), lines[0]
+    assert 1 <= len(lines) <= 2, proc.stderr
+    if len(lines) == 2:
+        assert lines[0].startswith("llamarun: ") and " on " in lines[0] and "error" not in lines[0], lines[0]
+    assert lines[-1].startswith("llamarun: error:"), lines[-1]
     for n in needles:
-        assert n in lines[0], (n, lines[0])
+        assert n in lines[-1], (n, lines[-1])
