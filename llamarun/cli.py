@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time decode at")
     b.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode per measurement")
     b.add_argument("--json", action="store_true", help="machine-readable output")
-    from . import convert
+    from . import convert, quantize
 
     convert.add_parser(sub)
+    quantize.add_parser(sub)
     return parser
 
 
@@ -293,7 +294,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return convert.run(args)
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "plan": cmd_plan, "convert": cmd_convert}
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quantize
+
+    return quantize.run(args)
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "bench": cmd_bench, "plan": cmd_plan, "convert": cmd_convert,
+            "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,10 @@ class Llama:
         set_threads(threads)
         if max_seq_len is not None and max_seq_len < 1:
             raise UsageError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        from .quantize import is_quantized_checkpoint
+
+        if path is not None and is_quantized_checkpoint(path):
+            return cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory, t0)
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         plan = make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
@@ -212,6 +216,35 @@ class Llama:
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
         llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0)
+        llm.plan = plan
+        return llm
+
+    @classmethod
+    def _load_quantized_file(cls, path: Path, dev: torch.device, dt: torch.dtype, max_seq_len: int | None,
+                             max_batch_size: int | None, tokenizer_path, memory: int | None, t0: float) -> "Llama":
+        """A file written by ``llamarun quantize``: planned from its header, loaded as it is."""
+        import json
+
+        from safetensors import safe_open
+
+        from .memory import make_plan
+        from .quantize import load_quantized
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+        args = ModelArgs(**json.loads(meta["args"]))
+        modes = {info["mode"] for name, info in json.loads(meta["layers"]).items() if name.startswith("layers.")}
+        mode = "int4" if "int4" in modes else "int8"
+        seq = max_seq_len or min(args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+        plan = make_plan(args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory, quantize=mode,
+                         native_mode=mode, edge_native_mode="int8")
+        plan.reason = f"a {mode} checkpoint, loaded as it is"
+        with torch.inference_mode():
+            q = load_quantized(path, dev, dt, tokenizer_path)
+        if q.tokenizer is None:
+            raise FormatError(f"{path}: the tokenizer it was made with is gone; pass one with -z/tokenizer_path")
+        ckpt = Checkpoint(args=args, tensors={}, tokenizer=q.tokenizer, format="llamarun-quantized", path=path)
+        llm = cls(q.model, q.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0)
         llm.plan = plan
         return llm
 
