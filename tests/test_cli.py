@@ -184,3 +184,13 @@ def test_help_lists_commands():
     assert proc.returncode == 0
     for cmd in ("generate", "info", "bench"):
         assert cmd in proc.stdout
+
+
+def test_quantize_then_generate(tmp_path):
+    out = tmp_path / "smollm2.int4.safetensors"
+    proc = run_cli("quantize", str(out), "--to", "int4")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and not (tmp_path / (out.name + ".tmp")).exists()
+    proc = run_cli("generate", "-m", str(out), "The capital of France is", "-n", "4", "-t", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(" Paris") and "int4 checkpoint" in proc.stderr
