@@ -1,0 +1,187 @@
+"""Fast CPU kernels for weight-only quantized linear layers (int8 and int4), built on first use.
+
+The C++ source (``qlinear.cpp`` beside this file) is compiled once per machine with the system C++
+compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers, ``-O3 -march=native -fopenmp``, into
+``~/.cache/llamarun/kernels/<key>/`` (``$LLAMARUN_CACHE`` overrides the root), where ``key`` hashes the
+source, the torch version, the compiler and the CPU's feature flags. Builds happen under a file lock, so
+concurrent processes wait for one compiler run instead of racing; the library is written to a temporary
+name and renamed into place, so a crashed build never leaves a half-written file behind. No ninja, no
+pybind11, no Python headers: the library registers plain torch ops (``torch.ops.llamarun.*``), whose
+per-call overhead is about 1.5 us.
+
+If anything fails (no compiler, a compile error, an unsupported platform) :func:`available` is False,
+:func:`reason` says why, and :mod:`llamarun.quantize` uses portable torch code instead: dequantize,
+then a float matmul. ``LLAMARUN_KERNELS=0`` forces that fallback (tests use it to cover both paths).
+
+Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
+
+- ``q8_linear(x, qweight int8 [N, K], scales f16 [N, K/G], G) -> [..., N]``
+- ``q4_linear(x, qweight uint8 [N, K/2], scales f16 [N, K/G], mins f16 [N, K/G], G) -> [..., N]``
+- ``q8_dequant(qweight, scales, G, row0=0, rows=-1)`` / ``q4_dequant(qweight, scales, mins, G, row0, rows)``:
+  rows of the weight as float32 (the large-batch path feeds them to MKL's GEMM).
+- ``quantize_act(x [M, K]) -> [q int16, d f32, s f32]``: the per-32-block int16 activation quantization
+  the integer dot products use (for tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCES = ("qlinear.cpp",)
+_LIB_NAME = "llamarun_kernels.so"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "reason": str, "path": Path
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("LLAMARUN_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "llamarun"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:  # noqa: BLE001 - any failure just weakens the cache key
+        return cxx
+
+
+def _command(cxx: str, src: Path, out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
+    cmd += [f"-I{p}" for p in include_paths()]
+    cmd += [str(src), "-o", str(out)]
+    for p in library_paths():
+        cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
+    cmd += ["-lc10", "-ltorch_cpu"]
+    return cmd
+
+
+def _build() -> Path:
+    """Compile (or find in the cache) the kernel library; raise RuntimeError with a one-line reason."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        raise RuntimeError(f"no kernel build for {sys.platform}/{platform.machine()}")
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    here = Path(__file__).parent
+    src = here / _SOURCES[0]
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update((here / name).read_bytes())
+    for part in (torch.__version__, _compiler_version(cxx), _cpu_flags(), sys.version):
+        h.update(part.encode())
+    build_dir = _cache_root() / "kernels" / h.hexdigest()[:20]
+    lib = build_dir / _LIB_NAME
+    if lib.is_file():
+        return lib
+    build_dir.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(build_dir / "build.lock"), timeout=900):
+            if lib.is_file():  # another process built it while we waited
+                return lib
+            tmp = build_dir / f".{_LIB_NAME}.{os.getpid()}.tmp"
+            proc = subprocess.run(_command(cxx, src, tmp), capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                (build_dir / "build.log").write_text(proc.stderr)
+                first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:200])
+                raise RuntimeError(f"kernel build failed ({first.strip()}); log: {build_dir / 'build.log'}")
+            os.replace(tmp, lib)
+    except Timeout:
+        raise RuntimeError(f"timed out waiting for another process's kernel build ({build_dir})") from None
+    return lib
+
+
+def _disabled() -> bool:
+    return os.environ.get("LLAMARUN_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _load() -> None:
+    with _lock:
+        if "ok" in _state:
+            return
+        try:
+            lib = _build()
+            if not hasattr(torch.ops.llamarun, "q8_linear"):  # not already loaded in this process
+                torch.ops.load_library(str(lib))
+            _register_fakes()
+            _state.update(ok=True, reason=f"compiled kernels (simd level {torch.ops.llamarun.simd_level()}): {lib}",
+                          path=lib)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the portable path
+            _state.update(ok=False, reason=f"{type(e).__name__}: {e}".splitlines()[0])
+
+
+def _register_fakes() -> None:
+    """Shape functions so torch.compile / meta tensors can trace through the ops."""
+    lib = "llamarun::"
+
+    def linear_fake(x, qweight, scales, *rest):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    for op in ("q8_linear", "q4_linear"):
+        try:
+            torch.library.register_fake(lib + op)(linear_fake)
+        except Exception:  # noqa: BLE001 - already registered, or an old torch without register_fake
+            pass
+
+
+def available() -> bool:
+    """True if the compiled kernels can be used: not disabled by ``LLAMARUN_KERNELS=0``, and built and
+    loaded (the first call builds them, or finds them in the cache)."""
+    if _disabled():
+        return False
+    _load()
+    return bool(_state["ok"])
+
+
+def reason() -> str:
+    """Why the kernels are (not) in use: the library path, or the failure."""
+    if _disabled():
+        return "disabled by LLAMARUN_KERNELS=0 (portable torch path)"
+    _load()
+    return str(_state["reason"]) + ("" if _state["ok"] else " (portable torch path)")
+
+
+def ops():
+    """``torch.ops.llamarun`` (raises RuntimeError with the reason if the kernels are unavailable)."""
+    if not available():
+        raise RuntimeError(f"llamarun kernels unavailable: {reason()}")
+    return torch.ops.llamarun
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``)."""
+    if available():
+        torch.ops.llamarun.set_num_threads(int(n or 0))

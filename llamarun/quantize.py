@@ -1,0 +1,893 @@
+"""Weight-only quantization of the model's linear layers: int8 and int4, from float weights or GGUF blocks.
+
+Formats (one 2-D weight [N = out_features, K = in_features]; G = group size, a divisor of K):
+
+- **int8**: symmetric, ``w = q * scale``; ``qweight`` int8 [N, K], ``scales`` [N, K/G]; G = 32 by default
+  (GGUF Q8_0's layout: those blocks convert losslessly); ``G = K`` is one scale per output channel.
+- **int4**: asymmetric, ``w = q * scale + min`` with q in 0..15; ``qweight`` uint8 [N, K/2] (each 32-element
+  block takes 16 bytes in GGUF's nibble order: byte j holds element j in its low nibble and element j+16
+  in its high nibble), ``scales`` and ``mins`` [N, K/G]; G = 32 by default (G must be a multiple of 32).
+  GGUF Q4_1 (d, m) and Q4_0 (d, -8 d) blocks convert losslessly.
+
+Scales and mins are float16 values stored as **int16 tensors holding the float16 bits**, so that
+``model.to(dtype)`` or ``model.half()`` cannot cast (and round) them; :meth:`QuantizedTensor.scales_f16`
+gives the float16 view.
+
+On CPU the layers call the compiled kernels of :mod:`llamarun.kernels` (integer dot products with the
+activations quantized to int16 per 32-block) for small batches, and dequantize-then-MKL-GEMM for large
+ones (prefill); without the kernels, and on every other device, they dequantize and call ``F.linear``
+(correct everywhere, not fast). The output layer (and a tied embedding) defaults to int8 in both modes.
+
+Entry points: :func:`quantize_model` (float model in place), :func:`build_quantized_model` (straight from a
+checkpoint, one tensor at a time; GGUF blocks converted directly), :func:`save_quantized` /
+:func:`load_quantized`, and the ``llamarun quantize`` subcommand (:func:`add_parser`, :func:`run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .errors import FormatError, UsageError
+
+MODES = ("int8", "int4")
+FORMAT_NAME = "llamarun-quantized"
+FORMAT_VERSION = 1
+QK = 32  # the kernels' activation block; int4 groups are made of 32-element blocks
+
+# Activation rows at or above which a CPU layer dequantizes its weight and calls MKL's float GEMM instead
+# of the integer kernel (measured on AVX2; see benchmarks/kernels.py).
+DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
+_DENSE_TILE_BYTES = 32 << 20  # dequantize at most this much float32 weight at a time on the dense path
+# The output layer (and a tied embedding, which shares its table) is the layer most hurt by 4-bit rounding:
+# on SmolLM2-135M an int4 output costs ~20% top-1 agreement (97.7% -> 80.9%), int8 nothing measurable.
+# Like llama.cpp's Q4 files, keep it int8 unless asked otherwise (output_mode="int4").
+DEFAULT_OUTPUT_MODE = "int8"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quantized tensor
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized 2-D weight [N, K] (see the module docstring for the layouts)."""
+
+    mode: str  # "int8" | "int4"
+    qweight: torch.Tensor  # int8 [N, K] | uint8 [N, K/2]
+    scales: torch.Tensor  # int16 (float16 bits) [N, K/G]
+    mins: torch.Tensor | None  # int4 only, like scales
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.qweight.shape
+        return (n, k * 2 if self.mode == "int4" else k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.mins) if t is not None)
+
+    def scales_f16(self) -> torch.Tensor:
+        return self.scales.view(torch.float16)
+
+    def mins_f16(self) -> torch.Tensor | None:
+        return None if self.mins is None else self.mins.view(torch.float16)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [N, K] (portable torch code)."""
+        return _dequantize(self.mode, self.qweight, self.scales, self.mins, self.group_size, dtype)
+
+    def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows ``index`` (any shape) -> [*index.shape, K]: an embedding lookup."""
+        flat = index.reshape(-1)
+        out = _dequantize(self.mode, self.qweight[flat], self.scales[flat],
+                          None if self.mins is None else self.mins[flat], self.group_size, dtype)
+        return out.view(*index.shape, self.shape[1])
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedTensor(self.mode, mv(self.qweight), mv(self.scales), mv(self.mins), self.group_size)
+
+    @staticmethod
+    def cat(parts: Sequence["QuantizedTensor"]) -> "QuantizedTensor":
+        """Concatenate on dim 0 (fused projections); the parts must share mode, group size and K."""
+        p0 = parts[0]
+        if len(parts) == 1:
+            return p0
+        if any(p.mode != p0.mode or p.group_size != p0.group_size or p.shape[1] != p0.shape[1] for p in parts):
+            raise ValueError("cannot concatenate quantized tensors of different modes, group sizes or widths")
+        cat = lambda ts: None if ts[0] is None else torch.cat(ts, 0)  # noqa: E731
+        return QuantizedTensor(p0.mode, cat([p.qweight for p in parts]), cat([p.scales for p in parts]),
+                               cat([p.mins for p in parts]), p0.group_size)
+
+
+def _f16_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).contiguous().view(torch.int16)
+
+
+def _unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (GGUF nibble order per 32-block) -> uint8 values 0..15 [N, K]."""
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, QK // 2)
+    return torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).reshape(n, -1)
+
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] (K % 32 == 0) -> uint8 [N, K/2] in GGUF nibble order."""
+    n = q.shape[0]
+    blocks = q.reshape(n, -1, QK).to(torch.uint8)
+    return (blocks[..., : QK // 2] | (blocks[..., QK // 2 :] << 4)).reshape(n, -1).contiguous()
+
+
+def _dequantize(mode: str, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    n = qweight.shape[0]
+    if mode == "int8":
+        q = qweight.to(dtype)
+    else:
+        q = _unpack_int4(qweight).to(dtype)
+    k = q.shape[1]
+    s = scales.view(torch.float16).to(dtype)[..., None]
+    w = q.view(n, k // group_size, group_size) * s
+    if mins is not None:
+        w = w + mins.view(torch.float16).to(dtype)[..., None]
+    return w.view(n, k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing float weights
+
+
+class QuantizationError(UsageError, ValueError):
+    """A weight or setting that cannot be quantized as asked (a UsageError for the CLI, a ValueError too)."""
+
+
+def default_group_size(mode: str, in_features: int) -> int:
+    """32 for both modes (int8 falls back to one scale per output channel when in_features % 32 != 0).
+
+    Measured on SmolLM2-135M (teacher-forced, vs float32): int8 with G = 32 keeps 97.3% top-1 agreement
+    (+0.42% perplexity) against 94.9% (+0.60%) with one scale per channel, for 6% more bytes, at the
+    same kernel speed; it is also GGUF Q8_0's layout (lossless conversion).
+    """
+    if mode == "int8" and in_features % QK:
+        return in_features
+    return QK
+
+
+def fit_group_size(mode: str, in_features: int, group_size: int | None) -> int:
+    """The group size to use for one layer: the default if None; else ``group_size`` if it divides
+    ``in_features``, or the largest multiple of 32 below it that does (SmolLM2's 576 inputs take 64 or
+    96, not 128)."""
+    if group_size is None:
+        return default_group_size(mode, in_features)
+    if group_size <= 0 or group_size % QK:
+        raise QuantizationError(f"group size must be a positive multiple of 32, got {group_size}")
+    g = group_size
+    while g > QK and in_features % g:
+        g -= QK
+    if in_features % g:
+        if mode == "int8":
+            return in_features  # per channel: any width
+        raise QuantizationError(f"int4 needs in_features divisible by 32, got {in_features}")
+    return g
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown quantization mode {mode!r} (use int8 or int4)")
+
+
+def _check_groups(mode: str, k: int, group_size: int) -> None:
+    if group_size <= 0 or k % group_size:
+        raise QuantizationError(f"{mode}: group_size {group_size} does not divide in_features {k}")
+    if mode == "int4" and group_size % QK:
+        raise QuantizationError(f"int4: group_size must be a multiple of 32, got {group_size}")
+
+
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> QuantizedTensor:
+    """Symmetric int8 with one float16 scale per ``group_size`` inputs (default: per output channel).
+
+    Values are rounded with the float16 scale actually stored, so the stored scale and the integers agree.
+    """
+    w = w.detach().float()
+    n, k = w.shape
+    g = group_size or k
+    _check_groups("int8", k, g)
+    wg = w.reshape(n, k // g, g)
+    s = (wg.abs().amax(-1) / 127.0).to(torch.float16)
+    if torch.isinf(s).any():
+        raise QuantizationError("int8: weight magnitude too large for float16 scales")
+    sf = s.float()[..., None]
+    q = torch.where(sf > 0, torch.round(wg / torch.where(sf > 0, sf, 1.0)), 0.0).clamp_(-127, 127)
+    return QuantizedTensor("int8", q.to(torch.int8).reshape(n, k).contiguous(), s.view(torch.int16).contiguous(),
+                           None, g)
+
+
+def _fit_int4(wg: torch.Tensor, steps: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (last dim) a (scale, min) with a small squared error of 4-bit rounding.
+
+    Like llama.cpp's ``make_qkx2_quants``: try ``steps`` scales around (max - min) / 15; for each, round,
+    then refit scale and min by least squares to the integers chosen; keep the candidate with the least
+    squared error, computed in closed form from the sums the fit already has (no extra pass over the
+    weights). Re-rounding with the chosen (scale, min) can only lower that error, and plain min/max
+    rounding is the first candidate, so the result is never worse than it.
+    """
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    g = wg.shape[-1]
+    sw, sww = wg.sum(-1, keepdim=True), (wg * wg).sum(-1, keepdim=True)
+    rng = hi - lo
+    safe_rng = torch.where(rng > 0, rng, 1.0)
+    centered = wg - lo
+    best_s, best_m, best_err = None, None, None
+
+    def error(s, m, sq, sqq, sqw):  # sum over the group of (q s + m - w)^2
+        return sww - 2 * s * sqw - 2 * m * sw + s * s * sqq + 2 * s * m * sq + g * m * m
+
+    for i, delta in enumerate([0.0] + torch.linspace(-1.0, 1.0, steps).tolist()):
+        q = torch.round(centered * ((15.0 + delta) / safe_rng)).clamp_(0, 15)
+        sq, sqq, sqw = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), (q * wg).sum(-1, keepdim=True)
+        if i == 0:  # plain min/max rounding, as it is
+            s, m = rng / 15.0, lo
+        else:  # least-squares refit of scale and min to these integers
+            det = g * sqq - sq * sq
+            ok = det > 0
+            s = torch.where(ok, (g * sqw - sq * sw) / torch.where(ok, det, 1.0), best_s).clamp_(min=0)
+            m = torch.where(ok, (sw - s * sq) / g, best_m)
+        err = error(s, m, sq, sqq, sqw)
+        if best_err is None:
+            best_s, best_m, best_err = s, m, err
+        else:
+            better = err < best_err
+            best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+            best_err = torch.minimum(err, best_err)
+    return best_s.squeeze(-1), best_m.squeeze(-1)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = QK, *, search: bool = True) -> QuantizedTensor:
+    """Asymmetric 4-bit: per group a float16 scale and min, ``w ~ q * scale + min`` (GGUF Q4_1's form).
+
+    ``search`` picks (scale, min) by minimising the rounding error (see :func:`_fit_int4`); without it,
+    plain ``scale = (max - min) / 15, min = min``. Rows are processed in chunks to bound temporary memory.
+    """
+    w = w.detach().float()
+    n, k = w.shape
+    _check_groups("int4", k, group_size)
+    qs, ss, ms = [], [], []
+    chunk = max(1, (1 << 22) // k)
+    for r0 in range(0, n, chunk):
+        wg = w[r0 : r0 + chunk].reshape(-1, k // group_size, group_size)
+        if search:
+            s, m = _fit_int4(wg)
+        else:
+            s, m = (wg.amax(-1) - wg.amin(-1)) / 15.0, wg.amin(-1)
+        s16, m16 = s.to(torch.float16), m.to(torch.float16)
+        if torch.isinf(s16).any() or torch.isinf(m16).any():
+            raise QuantizationError("int4: weight magnitude too large for float16 scales")
+        sf, mf = s16.float()[..., None], m16.float()[..., None]
+        q = torch.where(sf > 0, torch.round((wg - mf) / torch.where(sf > 0, sf, 1.0)), 0.0).clamp_(0, 15)
+        qs.append(_pack_int4(q.reshape(-1, k)))
+        ss.append(s16.view(torch.int16))
+        ms.append(m16.view(torch.int16))
+    return QuantizedTensor("int4", torch.cat(qs).contiguous(), torch.cat(ss).contiguous(), torch.cat(ms).contiguous(),
+                           group_size)
+
+
+def quantize_tensor(w: torch.Tensor, mode: str, group_size: int | None = None) -> QuantizedTensor:
+    """Quantize a float weight [N, K] to ``mode`` (group size default: :func:`default_group_size`; an
+    explicit one must divide K - the model-level functions adapt it per layer with :func:`fit_group_size`)."""
+    _check_mode(mode)
+    if w.dim() != 2:
+        raise QuantizationError(f"only 2-D weights can be quantized, got shape {tuple(w.shape)}")
+    g = group_size or default_group_size(mode, w.shape[1])
+    return quantize_int8(w, g) if mode == "int8" else quantize_int4(w, g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF blocks -> quantized tensors, without going through float32
+
+
+def _blocks(raw: Any, block_bytes: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Raw GGUF tensor data (numpy array or tensor, any dtype view) as uint8 [N * K/32, block_bytes]."""
+    n, k = shape
+    if k % QK:
+        raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
+    if isinstance(raw, torch.Tensor):
+        t = raw.contiguous().view(torch.uint8)
+    else:
+        with warnings.catch_warnings():  # memory-mapped, read-only: only read here (the blocks are copied below)
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8))
+    t = t.reshape(-1)
+    if t.numel() != n * (k // QK) * block_bytes:
+        raise FormatError(f"GGUF tensor data has {t.numel()} bytes, shape {shape} needs {n * (k // QK) * block_bytes}")
+    return t.reshape(n * (k // QK), block_bytes)
+
+
+def from_gguf_q8_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q8_0 blocks ([d: f16][32 x int8]) -> int8, group size 32. Lossless."""
+    n, k = shape
+    b = _blocks(raw, 34, shape)
+    scales = b[:, :2].contiguous().view(torch.int16).reshape(n, k // QK)
+    q = b[:, 2:].contiguous().view(torch.int8).reshape(n, k)
+    return QuantizedTensor("int8", q, scales.contiguous(), None, QK)
+
+
+def from_gguf_q4_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q4_0 blocks ([d: f16][16 bytes]; w = (q - 8) d) -> int4 with min = -8 d, group size 32. Lossless
+    (multiplying a float16 by 8 is exact unless it overflows, which is checked)."""
+    n, k = shape
+    b = _blocks(raw, 18, shape)
+    d = b[:, :2].contiguous().view(torch.float16)
+    m = d.float() * -8.0
+    if torch.isinf(m.to(torch.float16)).any():
+        raise FormatError("Q4_0 scale too large to express as an int4 minimum")
+    return QuantizedTensor("int4", b[:, 2:].contiguous().reshape(n, k // 2), d.view(torch.int16).reshape(n, k // QK),
+                           _f16_bits(m).reshape(n, k // QK), QK)
+
+
+def from_gguf_q4_1(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q4_1 blocks ([d: f16][m: f16][16 bytes]; w = q d + m) -> int4, group size 32. Lossless."""
+    n, k = shape
+    b = _blocks(raw, 20, shape)
+    return QuantizedTensor("int4", b[:, 4:].contiguous().reshape(n, k // 2),
+                           b[:, :2].contiguous().view(torch.int16).reshape(n, k // QK),
+                           b[:, 2:4].contiguous().view(torch.int16).reshape(n, k // QK), QK)
+
+
+_GGUF_DIRECT = {"Q8_0": ("int8", from_gguf_q8_0), "Q4_0": ("int4", from_gguf_q4_0), "Q4_1": ("int4", from_gguf_q4_1)}
+
+
+def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_size: int | None = None) -> QuantizedTensor:
+    """A GGUF tensor as ``mode``: block-for-block when its type maps onto ``mode`` with group size 32
+    (Q8_0 -> int8, Q4_0/Q4_1 -> int4), else dequantized to float32 and quantized."""
+    from .formats.gguf import dequantize
+
+    _check_mode(mode)
+    name = getattr(qtype, "name", str(qtype))
+    direct = _GGUF_DIRECT.get(name)
+    if direct and direct[0] == mode and group_size in (None, QK):
+        return direct[1](raw, shape)
+    return quantize_tensor(dequantize(raw, qtype, shape).float(), mode, group_size)
+
+
+def _gguf_raw_tensors(path: str) -> dict[str, Any]:
+    """Meta name -> GGUF tensor entry (``.data``, ``.tensor_type``, ``.shape``) of a file, cached per
+    (path, size, mtime) so a rewritten file is parsed again."""
+    st = Path(path).stat()
+    return _gguf_raw_tensors_cached(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _gguf_raw_tensors_cached(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    from .formats.gguf import gguf_to_meta_name, open_reader
+
+    out = {}
+    for t in open_reader(path).tensors:
+        name = gguf_to_meta_name(t.name)
+        if name is not None:
+            out[name] = t
+    return out
+
+
+def _torch_shape(shape: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in torch order: gguf.GGUFReader gives numpy arrays innermost-first,
+    llamarun's own reader tuples already in [out, in] order."""
+    if isinstance(shape, np.ndarray):
+        return tuple(int(d) for d in reversed(shape.tolist()))
+    return tuple(int(d) for d in shape)
+
+
+def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: str,
+                          group_size: int | None = None) -> QuantizedTensor:
+    """The checkpoint tensor(s) behind the weight ``name`` of one linear layer, quantized to ``mode``.
+
+    Fused parameters (``checkpoint_names``) are built part by part and concatenated. GGUF parts whose type
+    maps onto ``mode`` are converted block-for-block (lossless); anything else is dequantized one tensor at
+    a time and quantized, so the whole model never exists in float32.
+    """
+    from .model import checkpoint_names
+
+    _check_mode(mode)
+    group_size = fit_group_size(mode, shape[1], group_size)
+    raw = _gguf_raw_tensors(str(ckpt.path)) if getattr(ckpt, "format", None) == "gguf" else {}
+    parts = []
+    for part in checkpoint_names(name):
+        t = raw.get(part)
+        if t is not None:
+            pshape = _torch_shape(t.shape)
+            parts.append(from_gguf(t.data, t.tensor_type, pshape, mode, group_size))
+            continue
+        try:
+            w = ckpt.tensors[part]
+        except KeyError:
+            raise FormatError(f"{ckpt.path}: missing tensor {part}") from None
+        parts.append(quantize_tensor(w, mode, group_size))
+    try:
+        qt = QuantizedTensor.cat(parts)
+    except ValueError:  # parts of different source types: requantize the concatenation
+        qt = quantize_tensor(torch.cat([p.dequantize() for p in parts]), mode, group_size)
+    if qt.shape != tuple(shape):
+        raise FormatError(f"{ckpt.path}: tensor {name} has shape {qt.shape}, the config implies {tuple(shape)}")
+    return qt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules
+
+
+def _register_qt(module: nn.Module, qt: QuantizedTensor) -> None:
+    module.register_buffer("qweight", qt.qweight)
+    module.register_buffer("scales", qt.scales)
+    if qt.mins is not None:
+        module.register_buffer("mins", qt.mins)
+    else:
+        module.mins = None
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer with a quantized weight; ``forward`` takes any leading shape."""
+
+    mode = ""
+
+    def __init__(self, qt: QuantizedTensor) -> None:
+        super().__init__()
+        if qt.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} needs an {self.mode} tensor, got {qt.mode}")
+        self.out_features, self.in_features = qt.shape
+        self.group_size = qt.group_size
+        _register_qt(self, qt)
+        self._fast: bool | None = None  # CPU kernels usable (decided on the first CPU call)
+        self._kargs: tuple | None = None  # (op, its weight arguments): buffers fetched once, not per call
+        self.dense_min_rows = DENSE_MIN_ROWS[self.mode]
+
+    # The cached kernel arguments hold the buffer tensors themselves: drop them whenever the buffers may be
+    # replaced (module.to(), .cuda(), assignment); load_state_dict copies in place and keeps them valid.
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__["_kargs"] = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qweight", "scales", "mins"):
+            self.__dict__["_kargs"] = None
+        super().__setattr__(name, value)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int | None = None) -> "QuantizedLinear":
+        return cls(quantize_tensor(weight, cls.mode, group_size))
+
+    @property
+    def qtensor(self) -> QuantizedTensor:
+        return QuantizedTensor(self.mode, self.qweight, self.scales, self.mins, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qtensor.dequantize(dtype)
+
+    def use_kernels(self, enabled: bool | None = None) -> None:
+        """Force (False) the portable path, or (True/None) re-decide on the next CPU call."""
+        self._fast = False if enabled is False else None
+
+    def _kernel_ok(self) -> bool:
+        if self._fast is None:
+            self._fast = (kernels.available() and self.in_features % QK == 0 and self.group_size % QK == 0
+                          and self.qweight.is_contiguous())
+        return self._fast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept lean: at batch 1 a layer's whole job takes tens of microseconds.
+        if x.is_cpu and (self._fast or (self._fast is None and self._kernel_ok())):
+            xf = x if x.dtype == torch.float32 else x.float()
+            if xf.numel() >= self.dense_min_rows * self.in_features:
+                y = self._dense(xf)
+            else:
+                y = self._kernel(xf)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        # Portable path (no kernels, or a GPU): dequantize, then a float matmul in the activation dtype.
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer kernel (any number of rows): ``x`` float32 [..., K] on the CPU."""
+        ka = self._kargs
+        if ka is None:
+            ka = self._kargs = self._kernel_args()
+        return ka[0](x, *ka[1])
+
+    def _kernel_args(self) -> tuple:
+        raise NotImplementedError
+
+    def _dequant_rows(self, row0: int, rows: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Large batches: dequantize (tiles of) the weight with the kernels, then MKL's float GEMM."""
+        n, k = self.out_features, self.in_features
+        x2 = x.reshape(-1, k)
+        tile = max(1, _DENSE_TILE_BYTES // (4 * k))
+        if tile >= n:
+            y = torch.mm(x2, self._dequant_rows(0, n).t())
+        else:
+            y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
+            for r0 in range(0, n, tile):
+                rows = min(tile, n - r0)
+                y[:, r0 : r0 + rows] = torch.mm(x2, self._dequant_rows(r0, rows).t())
+        return y.view(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight, float16 scale per group (G = in_features: per output channel)."""
+
+    mode = "int8"
+
+    def _kernel_args(self) -> tuple:
+        return torch.ops.llamarun.q8_linear.default, (self.qweight, self.scales, self.group_size)
+
+    def _dequant_rows(self, row0: int, rows: int) -> torch.Tensor:
+        return torch.ops.llamarun.q8_dequant(self.qweight, self.scales, self.group_size, row0, rows)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit weight, float16 scale and min per group of 32 (or 64, 96, ...) inputs."""
+
+    mode = "int4"
+
+    def _kernel_args(self) -> tuple:
+        return torch.ops.llamarun.q4_linear.default, (self.qweight, self.scales, self.mins, self.group_size)
+
+    def _dequant_rows(self, row0: int, rows: int) -> torch.Tensor:
+        return torch.ops.llamarun.q4_dequant(self.qweight, self.scales, self.mins, self.group_size, row0, rows)
+
+
+LINEAR_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def make_linear(qt: QuantizedTensor) -> QuantizedLinear:
+    return LINEAR_CLASSES[qt.mode](qt)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding read from a quantized table: only the looked-up rows are dequantized.
+
+    ``tied=True`` shares the output layer's quantized weight (tied embeddings: one copy of the table, not a
+    float32 one plus a quantized one). ``weight`` is a zero-size placeholder carrying the compute device and
+    dtype (code that asks ``tok_embeddings.weight.device/dtype`` keeps working); use :meth:`dequantize` for
+    the values.
+    """
+
+    def __init__(self, table: QuantizedLinear, tied: bool, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.tied = tied
+        if tied:
+            self._table = [table]  # a plain list: not a submodule, so the weight is saved once (as output.*)
+        else:
+            self.table = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=table.qweight.device), persistent=False)
+
+    @property
+    def source(self) -> QuantizedLinear:
+        return self._table[0] if self.tied else self.table
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.source.dequantize(dtype or self.weight.dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.source.qtensor.rows(tokens, self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.source.mode}, tied={self.tied}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the model's nn.Linear modules (the tied ``output`` included)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *, output_mode: str | None = None,
+                   quantize_embedding: bool = True) -> nn.Module:
+    """Replace every nn.Linear of ``model`` (in place) by its ``mode`` quantized version; returns the model.
+
+    ``output`` uses ``output_mode`` (default int8, see ``DEFAULT_OUTPUT_MODE``). The token embedding: tied to ``output`` -> a
+    :class:`QuantizedEmbedding` sharing output's quantized table; untied -> quantized on its own (with
+    ``output_mode``); ``quantize_embedding=False`` keeps it as it is (float, plus a second, quantized
+    copy in ``output`` when tied).
+    """
+    _check_mode(mode)
+    output_mode = output_mode or DEFAULT_OUTPUT_MODE
+    _check_mode(output_mode)
+    out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
+    tied = getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None and \
+        model.output.weight is model.tok_embeddings.weight
+    for name in linear_names(model):
+        lin = model.get_submodule(name)
+        if lin.bias is not None:
+            raise QuantizationError(f"{name}: linear layers with a bias are not supported")
+        m, g = (output_mode, out_gs) if name == "output" else (mode, group_size)
+        _set_module(model, name, make_linear(quantize_tensor(lin.weight, m, fit_group_size(m, lin.in_features, g))))
+    emb = getattr(model, "tok_embeddings", None)
+    if quantize_embedding and isinstance(emb, nn.Embedding):
+        dtype = emb.weight.dtype
+        if tied:
+            model.tok_embeddings = QuantizedEmbedding(model.output, tied=True, dtype=dtype)
+        else:
+            table = make_linear(quantize_tensor(emb.weight, output_mode,
+                                                fit_group_size(output_mode, emb.weight.shape[1], out_gs)))
+            model.tok_embeddings = QuantizedEmbedding(table, tied=False, dtype=dtype)
+    return model
+
+
+def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                          group_size: int | None = None, output_mode: str | None = None):
+    """Like ``generation.build_model``, with every linear layer quantized straight from the checkpoint.
+
+    One checkpoint tensor is materialised at a time; GGUF Q8_0/Q4_0/Q4_1 tensors are converted
+    block-for-block when they match ``mode`` (int8 / int4, group size 32). Norms stay in ``dtype``. The
+    embedding is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied).
+    """
+    from .generation import load_parameter
+    from .model import Transformer, rope_cache
+
+    _check_mode(mode)
+    output_mode = output_mode or DEFAULT_OUTPUT_MODE
+    _check_mode(output_mode)
+    out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
+    device = torch.device(device)
+    args = ckpt.args
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name in linear_names(model):
+        lin = model.get_submodule(name)
+        m, g = (output_mode, out_gs) if name == "output" else (mode, group_size)
+        wname = f"{name}.weight"
+        if name == "output" and args.tie_embeddings:
+            wname = "tok_embeddings.weight"
+        qt = load_quantized_weight(ckpt, wname, tuple(lin.weight.shape), m, g)
+        _set_module(model, name, make_linear(qt.to(device)))
+    if args.tie_embeddings:
+        model.tok_embeddings = QuantizedEmbedding(model.output, tied=True, dtype=dtype)
+    else:
+        qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), output_mode, out_gs)
+        model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
+    for name, param in list(model.named_parameters()):  # what is left: the norms
+        value = load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype)
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    model.rope = rope_cache(args, args.max_seq_len).to(device)
+    _gguf_raw_tensors_cached.cache_clear()  # the parsed header (vocabulary included) is not needed any more
+    return model.eval()
+
+
+def describe_quantization(model: nn.Module) -> dict[str, Any]:
+    """Per quantized linear layer: mode and group size (what the saved file's metadata records)."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            layers[name] = {"mode": m.mode, "group_size": m.group_size, "shape": [m.out_features, m.in_features]}
+    return layers
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and persistent buffers (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen or t.device.type == "meta":
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def _tokenizer_payload(tokenizer_source: str | Path | None) -> tuple[str | None, bytes | None]:
+    """(source path as recorded, embedded tokenizer metadata) - GGUF tokenizers are embedded whole."""
+    if tokenizer_source is None:
+        return None, None
+    src = Path(tokenizer_source)
+    if src.is_file():
+        with open(src, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from .formats.gguf import open_reader, read_metadata
+
+            meta = read_metadata(open_reader(src))
+            tok = {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
+            return str(src.resolve()), json.dumps(tok).encode()
+    return str(src.resolve()) if src.exists() else str(src), None
+
+
+def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | None, out_path: str | Path) -> Path:
+    """Write a quantized model as one safetensors file: its state dict (quantized layers as
+    ``<name>.qweight/.scales/.mins``) plus JSON metadata (``ModelArgs``, per-layer mode and group size, the
+    tokenizer's source; a GGUF tokenizer is embedded, so the file is self-contained)."""
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    layers = describe_quantization(model)
+    if not layers:
+        raise UsageError("save_quantized: the model has no quantized layers")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    emb = getattr(model, "tok_embeddings", None)
+    embedding = {"kind": "float"}
+    if isinstance(emb, QuantizedEmbedding):
+        embedding = {"kind": "quantized", "tied": emb.tied}
+    src, tok_blob = _tokenizer_payload(tokenizer_source)
+    if tok_blob is not None:
+        state["__tokenizer_gguf_json__"] = torch.frombuffer(bytearray(tok_blob), dtype=torch.uint8)
+    meta = {
+        "format": FORMAT_NAME, "version": str(FORMAT_VERSION),
+        "args": json.dumps(args.to_dict()),
+        "layers": json.dumps(layers),
+        "embedding": json.dumps(embedding),
+        "tokenizer_source": src or "",
+        "compute_dtype": str(getattr(getattr(emb, "weight", None), "dtype", torch.float32)).replace("torch.", ""),
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(out_path)
+    return out_path
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """True for a file written by :func:`save_quantized`."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100 << 20:
+                return False
+            header = json.loads(f.read(n))
+        return header.get("__metadata__", {}).get("format") == FORMAT_NAME
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class QuantizedCheckpoint:
+    model: nn.Module
+    args: Any
+    tokenizer: Any  # a llamarun Tokenizer, or None if the recorded source is gone
+    metadata: dict[str, str]
+    path: Path
+
+    @property
+    def layers(self) -> dict[str, dict]:
+        """Per quantized layer: mode, group size, shape."""
+        return json.loads(self.metadata["layers"])
+
+
+def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                   tokenizer_path: str | Path | None = None) -> QuantizedCheckpoint:
+    """Load a :func:`save_quantized` file: the model (eval mode, on ``device``), its args and tokenizer."""
+    from safetensors import safe_open
+
+    from .config import ModelArgs
+    from .model import Transformer, rope_cache
+
+    path = Path(path)
+    if not is_quantized_checkpoint(path):
+        raise FormatError(f"{path}: not a llamarun quantized checkpoint")
+    device = torch.device(device)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if int(meta.get("version", "0")) > FORMAT_VERSION:
+        raise FormatError(f"{path}: quantized format version {meta['version']} is newer than this llamarun")
+    args = ModelArgs(**json.loads(meta["args"]))
+    layers = json.loads(meta["layers"])
+    embedding = json.loads(meta["embedding"])
+    dtype = dtype or getattr(torch, meta.get("compute_dtype", "float32"))
+    tok_blob = state.pop("__tokenizer_gguf_json__", None)
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name, info in layers.items():
+        mode = info["mode"]
+        qt = QuantizedTensor(mode, state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"),
+                             state.pop(f"{name}.mins") if mode == "int4" else None, int(info["group_size"]))
+        _set_module(model, name, make_linear(qt.to(device)))
+    if embedding["kind"] == "quantized":
+        if embedding["tied"]:
+            model.tok_embeddings = QuantizedEmbedding(model.output, tied=True, dtype=dtype)
+        else:
+            table = model.get_submodule("tok_embeddings.table")  # registered above via layers
+            model.tok_embeddings = QuantizedEmbedding(table, tied=False, dtype=dtype)
+    for name, param in list(model.named_parameters()):
+        if name not in state:
+            raise FormatError(f"{path}: missing tensor {name}")
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
+            state.pop(name).to(device=device, dtype=dtype), requires_grad=False)
+    model.rope = rope_cache(args, args.max_seq_len).to(device)
+
+    tokenizer = None
+    from .tokenizer import load_tokenizer_file, tokenizer_from_gguf
+
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer_file(tokenizer_path)
+    elif tok_blob is not None:
+        tokenizer = tokenizer_from_gguf(json.loads(bytes(tok_blob.numpy()).decode()))
+    elif meta.get("tokenizer_source") and Path(meta["tokenizer_source"]).exists():
+        src = Path(meta["tokenizer_source"])
+        try:
+            tokenizer = load_tokenizer_file(src)
+        except FormatError:
+            from .formats import load_checkpoint
+
+            tokenizer = load_checkpoint(src).tokenizer
+    return QuantizedCheckpoint(model.eval(), args, tokenizer, meta, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `llamarun quantize SRC OUT --to int8|int4`
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``quantize`` subcommand to the CLI's subparsers."""
+    q = subparsers.add_parser("quantize", help="write an int8/int4 weight-quantized copy of a checkpoint",
+                              description="Quantize every linear layer of SRC (read one tensor at a time; GGUF "
+                                          "Q8_0/Q4_0/Q4_1 blocks convert losslessly) and write OUT (.safetensors).")
+    q.add_argument("src", metavar="SRC", nargs="?", help="checkpoint to quantize (default: the embedded SmolLM2)")
+    q.add_argument("out", metavar="OUT", help="output file (.safetensors)")
+    q.add_argument("--to", dest="mode", required=True, choices=MODES, help="weight format")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale (default: int8 per output channel, int4 32; GGUF blocks keep 32)")
+    q.add_argument("--output-mode", choices=MODES, default=None, help="format of the output layer and a tied embedding (default: int8, the layer most "
+                        "sensitive to 4-bit rounding)")
+    q.add_argument("-z", "--tokenizer", help="tokenizer file, when the checkpoint has none beside it")
+    q.set_defaults(func=run)
+    return q
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``llamarun quantize``: prints one summary line; returns the exit code."""
+    from .formats import load_checkpoint
+    from .generation import default_model_path
+
+    if args.group_size is not None and args.group_size <= 0:
+        raise UsageError(f"--group-size must be positive, got {args.group_size}")
+    src = Path(args.src) if args.src else default_model_path()
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"{out} is a directory: give an output file name")
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(src, args.tokenizer)
+    try:
+        with torch.inference_mode():
+            model = build_quantized_model(ckpt, args.mode, "cpu", torch.float32, args.group_size, args.output_mode)
+    except ValueError as e:
+        raise UsageError(f"cannot quantize {src} to {args.mode}: {e}") from None
+    save_quantized(model, ckpt.args, args.tokenizer or src, out)
+    size = out.stat().st_size
+    print(f"quantized {src} -> {out} ({args.mode}, {size / 2**20:.1f} MiB, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0

@@ -1,0 +1,216 @@
+"""Compiled CPU kernels (llamarun.kernels) against plain torch references, and the portable fallback.
+
+The kernels quantize each 32-block of an activation row to int16, so the exact reference is: dequantized
+weight @ dequantized activation (built from the kernel's own activation quantization, ``quantize_act``);
+that must match to float rounding. Against unquantized activations the error must stay within int16
+activation rounding.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llamarun import kernels
+from llamarun import quantize as Q
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's torch ops on one thread: on a shared, loaded machine OpenMP's barriers stall
+    (milliseconds per op) and would make these tests take minutes; nothing here measures speed, and the
+    kernels' own threading is tested explicitly (test_threads_and_repeated_calls_agree)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+M_VALUES = [1, 3, 17, 64]
+
+
+def _reference(x: torch.Tensor, qt: Q.QuantizedTensor) -> torch.Tensor:
+    """What the integer kernel computes, in float64: the weight as stored, the activations as the kernel
+    quantizes them (int16 per 32-block), plus (int4) the min term on the exact activations."""
+    k = qt.shape[1]
+    x2 = x.reshape(-1, k)
+    q, d, s = torch.ops.llamarun.quantize_act(x2)
+    xr = (q.double().view(-1, k // 32, 32) * d.double()[..., None]).view(-1, k)
+    if qt.mode == "int8":
+        return (xr @ qt.dequantize(torch.float64).t()).view(*x.shape[:-1], -1)
+    n = qt.shape[0]
+    g = qt.group_size
+    qv = Q._unpack_int4(qt.qweight).double().view(n, k // g, g)
+    scaled = (qv * qt.scales_f16().double()[..., None]).view(n, k)
+    mins = qt.mins_f16().double()[..., None].expand(n, k // g, g).reshape(n, k)
+    return (xr @ scaled.t() + x2.double() @ mins.t()).view(*x.shape[:-1], -1)
+
+
+def _assert_act_rounding(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y = x @ w^T up to int16 rounding of x: |err[m, n]| = |(x_m - xq_m) . w_n| <= ||x_m - xq_m|| ||w_n||,
+    and per-32-block int16 rounding keeps ||x_m - xq_m|| under 1e-4 of ||x_m|| (bound with margin: 1e-3)."""
+    x2, w = x.reshape(-1, x.shape[-1]).double(), w.double()
+    err = (y.reshape(x2.shape[0], -1).double() - x2 @ w.t()).abs()
+    assert (err <= 1e-3 * x2.norm(dim=-1, keepdim=True) * w.norm(dim=-1) + 1e-5).all()
+
+
+def _random_weight(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Rows of different magnitudes and a few outliers, like real projections.
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 0.1
+    w[torch.rand(n, k, generator=g) < 0.002] *= 20
+    return w
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,n,k,g", [
+    ("int8", 96, 576, None), ("int8", 50, 64, 32), ("int8", 7, 96, 32), ("int8", 33, 1536, 64),
+    ("int4", 96, 576, 32), ("int4", 50, 64, 32), ("int4", 7, 96, 32), ("int4", 33, 1536, 64), ("int4", 3, 192, 96),
+])
+@pytest.mark.parametrize("m", M_VALUES)
+def test_kernel_matches_reference(mode, n, k, g, m):
+    w = _random_weight(n, k, seed=n * 1000 + k)
+    qt = Q.quantize_tensor(w, mode, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+    layer = Q.make_linear(qt)
+    y = layer._kernel(x)
+    ref = _reference(x, qt)
+    scale = ref.abs().max().item() + 1e-6
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max().item() <= 2e-5 * scale
+    _assert_act_rounding(y, x, qt.dequantize(torch.float64))  # and against float activations
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_leading_dims_dense_path_and_dtypes(mode):
+    qt = Q.quantize_tensor(_random_weight(80, 128, 1), mode, 32)
+    layer = Q.make_linear(qt)
+    x = torch.randn(2, 5, 128)
+    y = layer(x)
+    assert y.shape == (2, 5, 80)
+    torch.testing.assert_close(y, _reference(x, qt).float(), rtol=1e-4, atol=1e-4)
+    # Large batches go through dequantize + float GEMM: exact float math on the stored weight.
+    xl = torch.randn(3, 40, 128)
+    assert xl.numel() >= layer.dense_min_rows * 128
+    torch.testing.assert_close(layer(xl), xl @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
+    # The kernel path on the same input: within activation rounding.
+    _assert_act_rounding(layer._kernel(xl), xl, qt.dequantize())
+    # bf16 activations: computed in float32, returned in bf16.
+    yb = layer(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), layer(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+    # Empty batch.
+    assert layer(torch.randn(0, 128)).shape == (0, 80)
+
+
+@needs_kernels
+def test_dense_path_tiles_large_outputs(monkeypatch):
+    monkeypatch.setattr(Q, "_DENSE_TILE_BYTES", 64 * 4 * 20)  # 20-row tiles over 70 rows
+    for mode in ("int8", "int4"):
+        qt = Q.quantize_tensor(_random_weight(70, 64, 2), mode, 32)
+        x = torch.randn(100, 64)
+        torch.testing.assert_close(Q.make_linear(qt)._dense(x), x @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_dequant_ops_match_torch():
+    for mode, g in (("int8", None), ("int8", 32), ("int4", 32), ("int4", 64)):
+        qt = Q.quantize_tensor(_random_weight(37, 128, 3), mode, g)
+        layer = Q.make_linear(qt)
+        torch.testing.assert_close(layer._dequant_rows(0, 37), qt.dequantize(), rtol=0, atol=0)
+        torch.testing.assert_close(layer._dequant_rows(5, 9), qt.dequantize()[5:14], rtol=0, atol=0)
+
+
+@needs_kernels
+def test_unsupported_shapes_raise_clear_errors():
+    ops = torch.ops.llamarun
+    q = torch.zeros(4, 48, dtype=torch.int8)
+    s = torch.zeros(4, 1, dtype=torch.int16)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.q8_linear(torch.randn(1, 48), q, s, 48)
+    q = torch.zeros(4, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="does not match"):
+        ops.q8_linear(torch.randn(1, 32), q, torch.zeros(4, 2, dtype=torch.int16), 32)
+    with pytest.raises(RuntimeError, match="group_size"):
+        ops.q8_linear(torch.randn(1, 64), q, torch.zeros(4, 3, dtype=torch.int16), 48)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.q8_linear(torch.randn(1, 64, dtype=torch.float64), q, torch.zeros(4, 2, dtype=torch.int16), 32)
+    with pytest.raises(RuntimeError, match="mins"):
+        ops.q4_linear(torch.randn(1, 64), torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.int16),
+                      torch.zeros(4, 1, dtype=torch.int16), 32)
+    # At the quantizer: int4 groups must be whole 32-blocks dividing in_features.
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q.quantize_int4(torch.randn(4, 48), 48)
+    with pytest.raises(ValueError, match="does not divide"):
+        Q.quantize_int4(torch.randn(4, 96), 64)
+
+
+def test_int8_any_width_uses_portable_path():
+    """Per-channel int8 allows any in_features; widths the kernel cannot take use the torch path."""
+    w = torch.randn(10, 50)
+    layer = Q.Int8Linear.from_float(w)
+    x = torch.randn(3, 50)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert layer._fast is False
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("m", M_VALUES)
+def test_fallback_path(mode, m):
+    """The portable path (forced per layer) computes x @ dequantized(W)^T exactly."""
+    qt = Q.quantize_tensor(_random_weight(48, 96, 4), mode, 32)
+    layer = Q.make_linear(qt)
+    layer.use_kernels(False)
+    x = torch.randn(m, 96)
+    torch.testing.assert_close(layer(x), x @ qt.dequantize().t(), rtol=1e-5, atol=1e-5)
+    if kernels.available():
+        layer.use_kernels(True)
+        _assert_act_rounding(layer(x), x, qt.dequantize())
+
+
+def test_env_var_disables_kernels():
+    """LLAMARUN_KERNELS=0 makes available() False with a reason, and layers still work."""
+    code = ("import torch; from llamarun import kernels, quantize as Q; "
+            "assert not kernels.available(); print(kernels.reason()); "
+            "l = Q.Int4Linear.from_float(torch.randn(8, 64)); x = torch.randn(2, 64); "
+            "torch.testing.assert_close(l(x), x @ l.dequantize().t()); assert l._fast is False")
+    env = {"LLAMARUN_KERNELS": "0", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LLAMARUN_KERNELS=0" in out.stdout
+
+
+def test_build_failure_falls_back(tmp_path):
+    """No compiler: the build fails with a one-line reason and available() is False (fresh cache dir)."""
+    code = ("from llamarun import kernels; assert not kernels.available(); print(kernels.reason())")
+    env = {"LLAMARUN_CACHE": str(tmp_path), "CXX": "/nonexistent/c++", "PATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "compiler" in out.stdout
+
+
+@needs_kernels
+def test_threads_and_repeated_calls_agree():
+    """Single- and multi-threaded runs give identical results (each output is computed by one thread)."""
+    qt = Q.quantize_tensor(_random_weight(2000, 256, 5), "int4", 32)
+    layer = Q.make_linear(qt)
+    x = torch.randn(3, 256)
+    try:
+        kernels.set_num_threads(1)
+        y1 = layer(x)
+        kernels.set_num_threads(2)
+        ys = [layer(x) for _ in range(20)]
+        xl = torch.randn(100, 256)
+        dense2 = layer._dense(xl)  # dequantized rows on 2 threads
+        kernels.set_num_threads(1)
+        dense1 = layer._dense(xl)
+    finally:
+        kernels.set_num_threads(None)
+    for y in ys:
+        assert torch.equal(y, y1)
+    assert torch.equal(dense1, dense2)

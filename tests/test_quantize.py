@@ -1,0 +1,323 @@
+"""Weight-only quantization: accuracy on SmolLM2, GGUF block conversion, save/load, the CLI subcommand.
+
+Accuracy: one teacher-forced forward over ~256 tokens of varied English, quantized vs float32 (the GGUF
+dequantized): top-1 agreement and perplexity. Run with ``-s`` to see the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamarun import kernels
+from llamarun import quantize as Q
+from llamarun.config import ModelArgs
+from llamarun.formats.gguf import dequantize as gguf_dequantize
+from llamarun.formats.gguf import open_reader
+from llamarun.model import Transformer
+
+TEXT = """The history of the bicycle is a story of gradual refinement. Early designs, sometimes called hobby \
+horses, had no pedals at all: riders pushed themselves along with their feet. By the 1870s the high-wheeler had \
+appeared, with an enormous front wheel that made every fall dangerous. The safety bicycle, with two wheels of \
+equal size and a chain driving the rear wheel, changed everything.
+In the kitchen, a good stock begins with cold water. Bones, onions, carrots and celery are brought slowly to a \
+simmer, never a rolling boil, and the foam that rises is skimmed away. After four or five hours the liquid is \
+strained, cooled quickly and stored in the refrigerator, where the fat forms a protective layer on top.
+Mathematics offers its own kind of beauty. Consider the prime numbers: there are infinitely many of them, as \
+Euclid proved more than two thousand years ago, yet no simple formula produces them all.
+"Where did you put the keys?" she asked, searching the pockets of her coat for the third time. He shrugged and \
+pointed at the table by the door, where they had been all along, half hidden under a pile of unopened letters.
+Modern computers store numbers in binary. A single bit can hold a zero or a one; eight bits make a byte, and a \
+byte can represent any integer from 0 to 255. Floating-point formats trade precision for range, which is why \
+adding a very small number to a very large one sometimes changes nothing at all."""
+
+THRESHOLDS = {"int8": (0.95, 0.02), "int4": (0.85, 0.10)}  # top-1 agreement >=, perplexity increase <=
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Run this module's torch ops on one thread: on a shared, loaded machine OpenMP's barriers stall
+    (milliseconds per op) and would make these tests take minutes; nothing here measures speed, and the
+    kernels' own threading is tested explicitly (test_threads_and_repeated_calls_agree)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Accuracy on the real model
+
+
+@pytest.fixture(scope="module")
+def fp32(llm):
+    """The float32 model (the GGUF dequantized): the reference. The session ``llm`` may itself be quantized
+    (Llama.load keeps a Q4 GGUF in int4 by default), so build it here from the same checkpoint."""
+    from llamarun.generation import build_model
+
+    with torch.inference_mode():
+        return build_model(llm.checkpoint, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens(llm):
+    ids = llm.tokenizer.encode(TEXT)[:257]
+    assert len(ids) >= 200
+    return torch.tensor([ids])
+
+
+@pytest.fixture(scope="module")
+def reference(fp32, tokens):
+    with torch.inference_mode():
+        return fp32(tokens[:, :-1])[0]
+
+
+def _forward(model, tokens, kernel_path: bool):
+    """Teacher-forced logits. kernel_path: force the integer kernels (the decode path) for every layer
+    instead of dequantize + GEMM, which a 256-token forward would otherwise take."""
+    for m in model.modules():
+        if isinstance(m, Q.QuantizedLinear):
+            m.dense_min_rows = 1 << 30 if kernel_path else Q.DENSE_MIN_ROWS[m.mode]
+    with torch.inference_mode():
+        return model(tokens[:, :-1])[0]
+
+
+def _agreement(logits, reference, tokens):
+    target = tokens[0, 1:]
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    ppl_ref = F.cross_entropy(reference, target).exp().item()
+    ppl = F.cross_entropy(logits, target).exp().item()
+    return top1, ppl, ppl_ref
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_accuracy_vs_float32(llm, fp32, tokens, reference, mode):
+    """Quantized straight from the GGUF (the loader path) and from the float32 model (quantize_model)."""
+    min_top1, max_ppl = THRESHOLDS[mode]
+    direct = Q.build_quantized_model(llm.checkpoint, mode)
+    from_float = Q.quantize_model(copy.deepcopy(fp32), mode)
+    # The integer kernels (decode) on both models; dequantize + GEMM (prefill) on one.
+    runs = [("gguf-direct", direct, "kernel", True), ("from-float", from_float, "kernel", True)]
+    if kernels.available():
+        runs.append(("gguf-direct", direct, "dense", False))
+    for name, model, path, force in runs:
+        top1, ppl, ppl_ref = _agreement(_forward(model, tokens, force), reference, tokens)
+        print(f"\n{mode} {name:11s} [{path:6s}]: top-1 agreement {top1:.1%}, perplexity {ppl:.3f} vs "
+              f"{ppl_ref:.3f} float32 ({ppl / ppl_ref - 1:+.2%}), {Q.model_nbytes(model) / 2**20:.0f} MiB")
+        assert top1 >= min_top1
+        assert ppl / ppl_ref - 1 <= max_ppl
+
+
+def test_int4_output_layer_numbers(llm, tokens, reference):
+    """For the record (not a default): the output layer / tied embedding in int4 too."""
+    model = Q.build_quantized_model(llm.checkpoint, "int4", output_mode="int4")
+    top1, ppl, ppl_ref = _agreement(_forward(model, tokens, True), reference, tokens)
+    print(f"\nint4 with int4 output: top-1 agreement {top1:.1%}, perplexity {ppl / ppl_ref - 1:+.2%}, "
+          f"{Q.model_nbytes(model) / 2**20:.0f} MiB")
+    assert top1 > 0.6
+
+
+def test_fused_parameters_and_lossless_gguf_layers(llm, fp32):
+    """GGUF Q4_1 layers -> int4 and the Q8_0 embedding -> int8 are exact, fused wqkv/w13 in the right order."""
+    model = Q.build_quantized_model(llm.checkpoint, "int4")
+    ref = fp32
+    for name in ("layers.0.attention.wqkv", "layers.7.feed_forward.w13", "layers.29.feed_forward.w2", "output"):
+        got = model.get_submodule(name).dequantize()
+        assert torch.equal(got, ref.get_submodule(name).weight), name
+    assert isinstance(model.tok_embeddings, Q.QuantizedEmbedding) and model.tok_embeddings.tied
+    ids = torch.tensor([[1, 5, 49151, 300]])
+    assert torch.equal(model.tok_embeddings(ids), ref.tok_embeddings(ids))
+    assert model.tok_embeddings.weight.dtype == torch.float32 and model.tok_embeddings.weight.numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GGUF blocks
+
+
+@pytest.fixture(scope="module")
+def gguf_tensors(default_model_path):
+    return {t.name: t for t in open_reader(default_model_path).tensors}
+
+
+def _shape(t):
+    return tuple(int(d) for d in t.shape)
+
+
+def test_real_file_conversions_are_lossless(gguf_tensors):
+    seen = set()
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.3.ffn_down.weight", "blk.29.ffn_up.weight"):
+        t = gguf_tensors[name]
+        qt = Q.from_gguf(t.data, t.tensor_type, _shape(t), "int8" if t.tensor_type.name == "Q8_0" else "int4")
+        assert qt.group_size == 32
+        assert torch.equal(qt.dequantize(), gguf_dequantize(t.data, t.tensor_type, _shape(t)).float()), name
+        seen.add(t.tensor_type.name)
+    assert seen == {"Q8_0", "Q4_1"}
+
+
+def test_real_file_direct_equals_requantized(gguf_tensors):
+    """Quantizing the dequantized floats (plain min/max rounding) recovers the GGUF blocks' values."""
+    t = gguf_tensors["token_embd.weight"]  # Q8_0
+    shape = _shape(t)
+    direct = Q.from_gguf_q8_0(t.data, shape)
+    requant = Q.quantize_int8(gguf_dequantize(t.data, t.tensor_type, shape), 32)
+    assert torch.equal(requant.dequantize(), direct.dequantize())
+    t = gguf_tensors["blk.5.ffn_gate.weight"]  # Q4_1
+    shape = _shape(t)
+    direct = Q.from_gguf_q4_1(t.data, shape)
+    requant = Q.quantize_int4(gguf_dequantize(t.data, t.tensor_type, shape), 32, search=False)
+    err = (requant.dequantize() - direct.dequantize()).abs().max().item()
+    step = direct.scales_f16().float().abs().max().item()
+    assert err <= 1e-3 * step  # equal up to float16 rounding of a recomputed scale
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_synthetic_blocks(qtype):
+    """Blocks made by gguf.quants (Q4_1 by hand: gguf-py has no Q4_1 quantizer) convert exactly, and the
+    kernels compute with them."""
+    import gguf
+
+    qt_enum = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((24, 96)) * rng.uniform(0.01, 2, (24, 1))).astype(np.float32)
+    w[0, :32] = 0  # an all-zero block
+    if qtype == "Q4_1":
+        raw = _q4_1_blocks(w)
+    else:
+        raw = gguf.quants.quantize(w, qt_enum)
+    mode = "int8" if qtype == "Q8_0" else "int4"
+    qt = Q.from_gguf(raw, qt_enum, (24, 96), mode)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qt_enum)).reshape(24, 96)
+    assert torch.equal(qt.dequantize(), ref)
+    assert torch.equal(gguf_dequantize(raw, qt_enum, (24, 96)).float(), ref)
+    x = torch.randn(3, 96)
+    layer = Q.make_linear(qt)
+    y = layer(x)
+    exact = x.double() @ ref.double().t()
+    assert ((y.double() - exact).abs() <= 1e-3 * x.double().norm(dim=-1, keepdim=True) * ref.double().norm(dim=-1)).all()
+    # A mode that does not match the block type goes through float32 (lossy but close).
+    other = Q.from_gguf(raw, qt_enum, (24, 96), "int4" if mode == "int8" else "int8")
+    assert other.mode != mode
+    assert (other.dequantize() - ref).abs().max() <= 0.15 * ref.abs().max()
+
+
+def _q4_1_blocks(w: np.ndarray) -> np.ndarray:
+    """GGUF Q4_1 bytes as llama.cpp's quantize_row_q4_1_ref makes them."""
+    b = w.reshape(-1, 32).astype(np.float32)
+    lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
+    d = (hi - lo) / 15
+    idv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0)
+    q = np.clip(np.floor((b - lo) * idv + 0.5), 0, 15).astype(np.uint8)
+    qs = q[:, :16] | (q[:, 16:] << 4)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), lo.astype(np.float16).view(np.uint8), qs], axis=1)
+
+
+def test_bad_gguf_data_is_rejected():
+    with pytest.raises(Exception, match="bytes"):
+        Q.from_gguf_q8_0(np.zeros(33, np.uint8), (1, 32))
+    with pytest.raises(Exception, match="32-blocks"):
+        Q.from_gguf_q4_1(np.zeros(20, np.uint8), (1, 16))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny models: quantize_model, devices/dtypes, save and load
+
+
+def _tiny(tie: bool, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128, max_seq_len=64,
+                     tie_embeddings=tie)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_model_tiny(mode, tie):
+    model = _tiny(tie)
+    ref = copy.deepcopy(model)
+    tokens = torch.randint(0, 96, (2, 9))
+    with torch.inference_mode():
+        ref_logits = ref(tokens)
+    Q.quantize_model(model, mode)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.tok_embeddings, Q.QuantizedEmbedding) and model.tok_embeddings.tied == tie
+    assert model.output.mode == "int8"  # the default output mode
+    with torch.inference_mode():
+        logits = model(tokens)
+        # Incremental decoding through the KV cache matches the full forward.
+        model.setup_cache(2, 16)
+        step = [model(tokens[:, :5], 0)] + [model(tokens[:, i : i + 1], i) for i in range(5, 9)]
+    assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.8
+    torch.testing.assert_close(torch.cat(step, 1), logits, rtol=2e-2, atol=2e-2)
+    # model.to(dtype) must not cast the scales (stored as int16 bits).
+    model.to(torch.bfloat16)
+    assert model.output.scales.dtype == torch.int16 and model.tok_embeddings.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert model(tokens).dtype == torch.float32  # the model returns float32 logits
+
+
+def test_group_sizes_and_errors():
+    w = torch.randn(16, 256)
+    for g in (32, 64, 128, 256):
+        qt = Q.quantize_int4(w, g)
+        assert qt.scales.shape == (16, 256 // g) and qt.nbytes == 16 * 128 + 2 * 2 * 16 * (256 // g)
+        err = (qt.dequantize() - w).abs().max() / w.abs().max()
+        assert err < 0.15
+    assert Q.quantize_int8(w).scales.shape == (16, 1)
+    assert (Q.quantize_int8(w).dequantize() - w).abs().max() <= w.abs().max() / 127
+    # The error search never does worse than plain min/max rounding.
+    plain, searched = Q.quantize_int4(w, 32, search=False), Q.quantize_int4(w, 32)
+    assert (searched.dequantize() - w).pow(2).sum() <= (plain.dequantize() - w).pow(2).sum()
+    with pytest.raises(Exception, match="unknown quantization mode"):
+        Q.quantize_tensor(w, "int3")
+    with pytest.raises(ValueError, match="2-D"):
+        Q.quantize_tensor(torch.randn(4), "int8")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip_tiny(tmp_path, tie):
+    model = Q.quantize_model(_tiny(tie), "int4", output_mode="int4" if tie else None)
+    out = Q.save_quantized(model, model.args, None, tmp_path / "tiny.safetensors")
+    assert Q.is_quantized_checkpoint(out) and not Q.is_quantized_checkpoint(tmp_path)
+    loaded = Q.load_quantized(out)
+    assert loaded.tokenizer is None and loaded.args == model.args
+    tokens = torch.randint(0, 96, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(tokens), model(tokens))
+    assert Q.describe_quantization(loaded.model) == Q.describe_quantization(model)
+
+
+def test_save_load_round_trip_smollm2(llm, fp32, tmp_path, default_model_path):
+    """The real model, int4 straight from the GGUF: identical logits, and the tokenizer comes along."""
+    model = Q.build_quantized_model(llm.checkpoint, "int4")
+    out = Q.save_quantized(model, llm.args, default_model_path, tmp_path / "smol-int4.safetensors")
+    loaded = Q.load_quantized(out)
+    text = "The capital of France is"
+    assert loaded.tokenizer.encode(text) == llm.tokenizer.encode(text)
+    tokens = torch.tensor([llm.tokenizer.encode(text)])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(tokens), model(tokens))
+    size = out.stat().st_size
+    assert size < 0.2 * Q.model_nbytes(fp32), size  # vs float32
+
+
+def test_cli_subcommand(tmp_path, capsys, default_model_path):
+    parser = argparse.ArgumentParser(prog="llamarun")
+    sub = parser.add_subparsers(dest="command")
+    Q.add_parser(sub)
+    out = tmp_path / "smol-int4.safetensors"
+    args = parser.parse_args(["quantize", str(default_model_path), str(out), "--to", "int4"])
+    assert args.func(args) == 0
+    assert "int4" in capsys.readouterr().out
+    loaded = Q.load_quantized(out)
+    assert {v["mode"] for v in loaded.layers.values()} == {"int4", "int8"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quantize", "a", "b", "--to", "int2"])
