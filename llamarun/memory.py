@@ -120,15 +120,16 @@ def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) 
 
 def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode: str = "none") -> int:
     """Transient memory while loading: the largest tensor on its way in. A lossless block conversion holds
-    only its raw bytes; anything else holds the tensor in float32 for a moment (measured: about one float32
-    copy of the largest tensor above the final footprint). The embedding/output table is int8 in both
+    only its raw bytes. Dequantizing into a float model holds about one float32 copy of the tensor above
+    the final footprint; quantizing again from float32 about three (the float tensor, its absolute values
+    and the scaled copy), measured on a 7B-shaped model. The embedding/output table is int8 in both
     quantized modes, so it converts losslessly only from int8 blocks (``edge_native_mode``)."""
     table = args.vocab_size * args.dim
     layer = 2 * args.hidden_dim * args.dim  # the fused w13
     if mode == "none":
         return max(table, layer) * 4
-    layer_t = quantized_bytes(2 * args.hidden_dim, args.dim, mode) if mode == native_mode else layer * 4
-    table_t = quantized_bytes(args.vocab_size, args.dim, "int8") if edge_native_mode == "int8" else table * 4
+    layer_t = quantized_bytes(2 * args.hidden_dim, args.dim, mode) if mode == native_mode else 3 * layer * 4
+    table_t = quantized_bytes(args.vocab_size, args.dim, "int8") if edge_native_mode == "int8" else 3 * table * 4
     return max(layer_t, table_t)
 
 
