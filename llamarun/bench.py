@@ -7,8 +7,6 @@ runs the real generation loop (greedy, ignoring end-of-generation) and reports a
 from __future__ import annotations
 
 import platform
-import resource
-import sys
 import time
 
 import torch
@@ -16,8 +14,9 @@ import torch
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (MiB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    from .memory import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 def run_bench(llm, args) -> dict:

@@ -60,6 +60,28 @@ GPU_RUNTIME_BYTES = 600 * MiB
 PREFILL_CHUNK = 512  # the engine feeds long prompts in chunks of this many tokens (bounds activations)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, because ru_maxrss carries the high-water mark
+    of the parent across fork and exec (a child of a big process would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def cpu_runtime_bytes() -> int:
+    """What this process already holds (Python, torch, the tokenizer: measured, since it varies with the
+    environment), or the typical figure when the process is still smaller than that."""
+    return max(CPU_RUNTIME_BYTES, peak_rss_bytes() + 16 * MiB)
+
+
 def parse_size(text: str) -> int:
     """'12GiB', '12 GB', '800MiB', '1.5G', '123456' -> bytes (GB and GiB both mean 2**30: what users mean)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
@@ -254,7 +276,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                          "int8": weight_bytes(args, "int8", nbytes, group_size),
                          "int4": weight_bytes(args, "int4", nbytes, group_size)},
                 kv_cache=kv_cache_bytes(args, batch, seq, nbytes), activations=activation_bytes(args, batch, seq, nbytes),
-                overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else CPU_RUNTIME_BYTES, group_size=group_size)
+                overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size)
     if quantize != "auto":
         order = [quantize]
     elif native_mode != "none":
@@ -268,7 +290,8 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
         on_dev = args.n_layers - n_cpu
         plan.weights_on_device = on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
         plan.kv_cache = full_kv * on_dev // args.n_layers
-        plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode)
+        # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
+        plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode) if device.type == "cpu" else 0
         return plan
 
     tried = []

@@ -214,3 +214,22 @@ def test_threads_and_repeated_calls_agree():
     for y in ys:
         assert torch.equal(y, y1)
     assert torch.equal(dense1, dense2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("g", [32, 64, 96])
+def test_compiled_int4_quantizer_matches_torch(monkeypatch, g):
+    """The compiled int4 search and the torch one: same method, so nearly the same choices and error,
+    and both never worse than plain min/max rounding."""
+    w = _random_weight(300, 192, 6)
+    w[3, :g] = 0  # a constant group
+    compiled = Q.quantize_int4(w, g)
+    monkeypatch.setattr(Q.kernels, "available", lambda: False)
+    reference = Q.quantize_int4(w, g)
+    plain = Q.quantize_int4(w, g, search=False)
+    err = {name: (qt.dequantize() - w).pow(2).sum().item() for name, qt in
+           (("compiled", compiled), ("torch", reference), ("plain", plain))}
+    assert err["compiled"] <= err["plain"] and err["torch"] <= err["plain"]
+    assert abs(err["compiled"] - err["torch"]) <= 0.01 * err["torch"]
+    assert (compiled.scales == reference.scales).float().mean() > 0.95
+    assert torch.equal(compiled.dequantize()[3, :g], torch.zeros(g))

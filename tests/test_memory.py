@@ -79,11 +79,12 @@ def test_offload_split_gives_the_same_tokens(llm):
 
 
 RSS_SCRIPT = """
-import json, resource, sys
+import json, sys
 from llamarun import Llama
+from llamarun.memory import peak_rss_bytes
 llm = Llama.load(sys.argv[1] if sys.argv[1] != '-' else None, quantize=sys.argv[2], max_seq_len=256)
 llm.generate([[1, 2, 3, 4]], 2, temperature=0, ignore_eos=True)
-print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "plan": llm.plan.total}))
+print(json.dumps({"rss": peak_rss_bytes(), "plan": llm.plan.total}))
 """
 
 

@@ -1,9 +1,9 @@
 """Fast CPU kernels for weight-only quantized linear layers (int8 and int4), built on first use.
 
 The C++ source (``qlinear.cpp`` beside this file) is compiled once per machine with the system C++
-compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers, ``-O3 -march=native -fopenmp``, into
+compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers, ``-O3 -march=native``, into
 ``~/.cache/llamarun/kernels/<key>/`` (``$LLAMARUN_CACHE`` overrides the root), where ``key`` hashes the
-source, the torch version, the compiler and the CPU's feature flags. Builds happen under a file lock, so
+source, the flags, the torch version, the compiler and the CPU's feature flags. Builds happen under a file lock, so
 concurrent processes wait for one compiler run instead of racing; the library is written to a temporary
 name and renamed into place, so a crashed build never leaves a half-written file behind. No ninja, no
 pybind11, no Python headers: the library registers plain torch ops (``torch.ops.llamarun.*``), whose
@@ -17,10 +17,19 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
 
 - ``q8_linear(x, qweight int8 [N, K], scales f16 [N, K/G], G) -> [..., N]``
 - ``q4_linear(x, qweight uint8 [N, K/2], scales f16 [N, K/G], mins f16 [N, K/G], G) -> [..., N]``
+  (scales/mins may also be int16 tensors holding float16 bits, which is how llamarun.quantize stores them)
 - ``q8_dequant(qweight, scales, G, row0=0, rows=-1)`` / ``q4_dequant(qweight, scales, mins, G, row0, rows)``:
   rows of the weight as float32 (the large-batch path feeds them to MKL's GEMM).
+- ``quantize_int4(w float32 [N, K], G, steps) -> [qweight, scales, mins]``: the error-minimising int4
+  quantizer of llamarun.quantize, compiled (~6x faster than the torch code on one thread).
 - ``quantize_act(x [M, K]) -> [q int16, d f32, s f32]``: the per-32-block int16 activation quantization
   the integer dot products use (for tests).
+- ``set_num_threads(n)``: threads for the ops above (0: follow ``torch.set_num_threads``); see
+  :func:`set_num_threads`.
+
+Threads: a small pool of helper threads with dynamic chunking (not OpenMP): the caller never waits for a
+helper that has not started, so a loaded machine costs single-thread speed rather than OpenMP barrier
+stalls of milliseconds.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = ("qlinear.cpp",)
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")  # threads: our own pool, no OpenMP
 _LIB_NAME = "llamarun_kernels.so"
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "reason": str, "path": Path
@@ -76,8 +86,7 @@ def _command(cxx: str, src: Path, out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
+    cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
     cmd += [str(src), "-o", str(out)]
     for p in library_paths():
@@ -98,7 +107,7 @@ def _build() -> Path:
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((here / name).read_bytes())
-    for part in (torch.__version__, _compiler_version(cxx), _cpu_flags(), sys.version):
+    for part in (torch.__version__, _compiler_version(cxx), _cpu_flags(), sys.version, " ".join(_FLAGS)):
         h.update(part.encode())
     build_dir = _cache_root() / "kernels" / h.hexdigest()[:20]
     lib = build_dir / _LIB_NAME
