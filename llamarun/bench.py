@@ -7,7 +7,6 @@ runs the real generation loop (greedy, ignoring end-of-generation) and reports a
 from __future__ import annotations
 
 import platform
-import time
 
 import torch
 

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 from .errors import LlamarunError, UsageError
 

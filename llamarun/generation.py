@@ -25,6 +25,7 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
+from .memory import PREFILL_CHUNK  # the chunk the memory plan's activation estimate assumes
 from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -102,7 +103,6 @@ def place_layers(model: Transformer, device: torch.device, first_cpu_layer: int)
 
 
 DEFAULT_MAX_SEQ_LEN = 4096  # default context cap: the KV cache the plan reserves stays modest
-PREFILL_CHUNK = 512  # prompts are fed in chunks of this many tokens, which bounds activation memory
 
 
 @dataclass
