@@ -5,7 +5,8 @@
     python benchmarks/compare.py --markdown --json out.json
     python benchmarks/compare.py -m model.gguf --engines llamarun,hf --modes auto int8 --hf-dtypes fp32
 
-Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = float32), HF transformers
+Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = float32; ``bf16`` = unquantized
+bfloat16 weights and activations; ``int8``/``int4`` force a quantization), HF transformers
 in each ``--hf-dtypes`` (the same GGUF through ``from_pretrained(gguf_file=...)``, which dequantizes it;
 default fp32 and bf16, but fp32 only on CPUs without native bf16, where emulated bf16 is 2-4x slower
 than fp32 and would take ~40% of the run; ``--hf-dtypes fp32 bf16`` forces it, flagged in the notes),
@@ -61,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEED = 0
 DECODE_PROMPT_LEN = 16  # tokens per row of the decode prompts (as llamarun bench)
 ENGINES = ("llamarun", "hf", "llama.cpp")
-LLAMARUN_MODES = ("auto", "none", "int8", "int4")
+LLAMARUN_MODES = ("auto", "none", "int8", "int4", "bf16")  # bf16: --quantize none --dtype bfloat16
 HF_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
              "fp16": "float16", "float16": "float16"}
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -112,8 +113,9 @@ class LlamarunEngine:
         from llamarun.sampling import SamplingParams
 
         self.import_done = time.perf_counter()
-        self.llm = Llama.load(spec["model"], device="cpu", dtype=spec.get("dtype") or "auto",
-                              quantize=spec["mode"], threads=spec["threads"], max_batch_size=max(spec["batch"]))
+        quantize, dtype = ("none", "bfloat16") if spec["mode"] == "bf16" else (spec["mode"], "auto")
+        self.llm = Llama.load(spec["model"], device="cpu", dtype=dtype, quantize=quantize, threads=spec["threads"],
+                              max_batch_size=max(spec["batch"]))
         self.greedy = SamplingParams(temperature=0.0)
         self.vocab = self.llm.args.vocab_size
         self.ctx = self.llm.max_seq_len

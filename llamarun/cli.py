@@ -30,6 +30,9 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's, at most 4096)")
     if positional:
         return
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile; CUDA graphs on GPUs): slow the first time, "
+                        "cached for later runs")
     p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weight quantization (auto: the checkpoint's own precision if it fits, else int8, "
                         "else int4, else offload some layers to the CPU)")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure load time, prefill and decode speed, peak memory")
     _add_model_args(b)
     b.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths to time")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to time decode at")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes to time decode at")
     b.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode per measurement")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     from . import convert, quantize
@@ -111,6 +114,10 @@ def _load(args: argparse.Namespace, batch: int = 1):
                      group_size=args.group_size, offload_layers=args.offload_layers, max_batch_size=batch,
                      memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
     print(f"llamarun: {llm.checkpoint.path.name}: {plan_summary(llm.plan)}", file=sys.stderr)
+    if args.compile:
+        print("llamarun: compiling the decode step (minutes the first time, cached afterwards)...", file=sys.stderr)
+        llm.compile(tuple(sorted(set(getattr(args, "batch", None) or [batch or 1]))))
+        print(f"llamarun: compiled in {llm.compile_s:.1f} s", file=sys.stderr)
     return llm
 
 

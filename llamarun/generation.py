@@ -156,6 +156,9 @@ class Llama:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
                  max_batch_size: int | None = None, checkpoint: Checkpoint | None = None, load_s: float = 0.0) -> None:
+        from .fastpath import accelerate
+
+        accelerate(model)  # fused CPU kernels for the float32 glue between matrix products (no-op elsewhere)
         self.model = model
         self.tokenizer = tokenizer
         self.args: ModelArgs = model.args
@@ -165,6 +168,41 @@ class Llama:
         self.load_s = load_s
         self.stats = Stats()
         self.plan = None  # the memory plan the model was loaded with (Llama.load)
+        self._decode_step = None  # the compiled one-token step (Llama.compile)
+        self.compile_s = 0.0
+
+    def compile(self, batch_sizes: tuple[int, ...] = (1,)) -> float:
+        """Compile the one-token decode step with ``torch.compile`` (CUDA graphs on CUDA devices) and warm it
+        up for ``batch_sizes``; returns the seconds that took.
+
+        The compiled step runs the model's static-shape path: the KV cache is allocated once for
+        ``max_batch_size`` x ``max_seq_len``, the position is a tensor, attention covers the whole cache
+        under a mask; so one graph serves every step (each batch size is its own graph). Inductor's
+        artifacts are cached under ``~/.cache/llamarun/inductor`` (``$TORCHINDUCTOR_CACHE_DIR``), so a
+        later process reuses them instead of compiling again. Prefill stays eager.
+        """
+        from .kernels import _cache_root
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_root() / "inductor"))
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        model = self.model
+
+        def step(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return model(tokens, pos, last_only=True)
+
+        self._decode_step = torch.compile(step, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                          dynamic=False)
+        rows = max(max(batch_sizes), self.max_batch_size or 1)
+        self.model.setup_cache(rows, self.max_seq_len)  # allocated once: its addresses are part of the graph
+        with torch.inference_mode():
+            for b in batch_sizes:
+                tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+                for _ in range(3 if cuda else 1):  # CUDA graph trees record on the 2nd-3rd call
+                    # Position 0 is rewritten by every prompt before it is read.
+                    self._decode_step(tok, torch.zeros(1, dtype=torch.long, device=self.device))
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
 
     @property
     def device(self) -> torch.device:
@@ -313,7 +351,10 @@ class Llama:
         stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids) or [-2], device=dev)
         stats = self.stats = Stats(prompt_tokens=sum(lengths))
 
-        self.model.setup_cache(bsz, total_len)
+        if self._decode_step is not None:  # one cache for the compiled graph's lifetime
+            self.model.setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len)
+        else:
+            self.model.setup_cache(bsz, total_len)
         start = min(lengths)
         if logprobs and start == total_len:  # nothing to generate: score the prompt only
             with torch.inference_mode():
@@ -364,6 +405,12 @@ class Llama:
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
         """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces), scoring them when asked;
         returns the logits of the last position [B, V]."""
+        if self._decode_step is not None and cur - prev == 1:
+            pos = torch.tensor([prev], device=self.device)
+            logits = self._decode_step(run.tokens[:, prev:cur], pos)
+            if logprobs:
+                self._score(run, logits, prev, cur)
+            return logits[:, -1]
         for a in range(prev, cur, PREFILL_CHUNK):
             b = min(cur, a + PREFILL_CHUNK)
             logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)

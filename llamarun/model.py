@@ -76,9 +76,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, K, S, D] at positions start_pos.. and return all keys/values so far [B, K, T, D]."""
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, S, D] at positions start_pos.. and return all keys/values so far [B, K, T, D].
+
+        With a tensor of positions [S] instead (the static-shape path), the whole cache [B, K, max_seq_len, D]
+        is returned: shapes then never depend on the position, and the caller masks what is not written yet.
+        """
         b, _, s, _ = k.shape
+        if isinstance(start_pos, torch.Tensor):
+            self.k[:b].index_copy_(2, start_pos, k)
+            self.v[:b].index_copy_(2, start_pos, v)
+            return self.k[:b], self.v[:b]
         end = start_pos + s
         self.k[:b, :, start_pos:end] = k
         self.v[:b, :, start_pos:end] = v
@@ -97,7 +106,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.q_size, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim] at positions start_pos.. (an int, or a tensor of the S positions) -> [B, S, dim]."""
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), rope)
@@ -108,7 +118,10 @@ class Attention(nn.Module):
             k, v = self.cache.update(start_pos, k, v)  # [B, K, T, D]
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads, without copies.
         gqa = self.n_kv_heads != self.n_heads
-        if s == 1:  # one new token sees the whole cache: no mask needed
+        if isinstance(start_pos, torch.Tensor):  # static shapes: the whole cache, masked past each query
+            mask = torch.arange(k.shape[2], device=x.device) <= start_pos[:, None]  # [S, max_seq_len]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif s == 1:  # one new token sees the whole cache: no mask needed
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         elif k.shape[2] == s:  # prefill from position 0: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -155,7 +168,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -195,12 +208,20 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_shape = (0, 0)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] at positions start_pos..start_pos+S-1 -> float32 logits [B, S, vocab]
-        (or [B, 1, vocab] with ``last_only``, which skips the output layer for the other positions)."""
+        (or [B, 1, vocab] with ``last_only``, which skips the output layer for the other positions).
+
+        ``start_pos`` may also be a tensor of the S positions (needs a cache): the static-shape path, where
+        one compiled graph (torch.compile, CUDA graphs) serves every decode step because the position is
+        data, not a Python int.
+        """
         s = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        rope = self.rope[start_pos : start_pos + s]
+        if isinstance(start_pos, torch.Tensor):
+            rope = self.rope[start_pos]
+        else:
+            rope = self.rope[start_pos : start_pos + s]
         for layer in self.layers:
             h = layer(h, rope, start_pos)
         if last_only:

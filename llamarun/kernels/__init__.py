@@ -45,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("qlinear.cpp",)
+_SOURCES = ("qlinear.cpp", "fused.cpp")  # compiled together into one library
+_HEADERS = ("pool.h",)
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")  # threads: our own pool, no OpenMP
 _LIB_NAME = "llamarun_kernels.so"
 _lock = threading.Lock()
@@ -82,13 +83,13 @@ def _compiler_version(cxx: str) -> str:
         return cxx
 
 
-def _command(cxx: str, src: Path, out: Path) -> list[str]:
+def _command(cxx: str, srcs: list[Path], out: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     cmd += [f"-I{p}" for p in include_paths()]
-    cmd += [str(src), "-o", str(out)]
+    cmd += [*map(str, srcs), "-o", str(out)]
     for p in library_paths():
         cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
     cmd += ["-lc10", "-ltorch_cpu"]
@@ -103,9 +104,8 @@ def _build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     here = Path(__file__).parent
-    src = here / _SOURCES[0]
     h = hashlib.sha256()
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         h.update((here / name).read_bytes())
     for part in (torch.__version__, _compiler_version(cxx), _cpu_flags(), sys.version, " ".join(_FLAGS)):
         h.update(part.encode())
@@ -121,7 +121,7 @@ def _build() -> Path:
             if lib.is_file():  # another process built it while we waited
                 return lib
             tmp = build_dir / f".{_LIB_NAME}.{os.getpid()}.tmp"
-            proc = subprocess.run(_command(cxx, src, tmp), capture_output=True, text=True, timeout=900)
+            proc = subprocess.run(_command(cxx, [here / n for n in _SOURCES], tmp), capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 tmp.unlink(missing_ok=True)
                 (build_dir / "build.log").write_text(proc.stderr)
@@ -159,9 +159,14 @@ def _register_fakes() -> None:
     def linear_fake(x, qweight, scales, *rest):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-    for op in ("q8_linear", "q4_linear"):
+    def silu_mul_fake(x):
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    fakes = {"q8_linear": linear_fake, "q4_linear": linear_fake, "silu_mul": silu_mul_fake,
+             "rms_norm": lambda x, weight, eps: torch.empty_like(x)}
+    for op, fake in fakes.items():
         try:
-            torch.library.register_fake(lib + op)(linear_fake)
+            torch.library.register_fake(lib + op)(fake)
         except Exception:  # noqa: BLE001 - already registered, or an old torch without register_fake
             pass
 

@@ -26,9 +26,12 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 #include <atomic>
@@ -69,6 +72,13 @@ inline float h2f(uint16_t h) {
 // variable between calls instead of spinning: measured on the loaded 2-core machine, a helper spinning
 // 0.1 / 2 ms after each call made SmolLM2 decode 35% / 90% slower (it competes with the calling thread
 // for the cores), while waking it per call costs the caller ~2 us.
+// How long a helper spins for the next call before it sleeps (llamarun.set_spin_us; env LLAMARUN_SPIN_US).
+int spin_default() {
+  const char* v = std::getenv("LLAMARUN_SPIN_US");
+  return v ? std::atoi(v) : 0;
+}
+std::atomic<int> spin_micros{spin_default()};
+
 class Pool {
  public:
   explicit Pool(int helpers) : pid_(getpid()) {
@@ -122,7 +132,7 @@ class Pool {
     uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
     for (;;) {
       uint64_t gen = state_.load(std::memory_order_acquire) >> 32;
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_micros.load(std::memory_order_relaxed));
       for (int spin = 1; gen == seen; ++spin) {
         pause();
         gen = state_.load(std::memory_order_acquire) >> 32;
@@ -141,7 +151,6 @@ class Pool {
     }
   }
 
-  static constexpr int kSpinMicros = 0;  // spin this long for the next call before sleeping (see above)
   std::atomic<uint64_t> state_{0};       // generation << 32 | next chunk to claim
   std::atomic<int64_t> done_{0};         // chunks finished by helpers
   std::atomic<int> sleepers_{0};
@@ -161,10 +170,13 @@ std::mutex& run_mu() {  // one job at a time (two Python threads calling kernels
 std::mutex pool_mu;
 Pool* pool_ptr = nullptr;  // never freed: its detached threads live as long as the process
 
-// Parallel over [0, n) in chunks of at least `grain`, with at most at::get_num_threads() threads. Calls
-// from inside a job (or with one thread) run inline. The pool is re-created after a fork.
 std::atomic<int> max_threads{0};  // 0: follow at::get_num_threads() (torch.set_num_threads)
 
+}  // namespace
+
+namespace llamarun_kernels {
+// Parallel over [0, n) in chunks of at least `grain`, with at most at::get_num_threads() threads. Calls
+// from inside a job (or with one thread) run inline. The pool is re-created after a fork.
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body) {
   const int cap = max_threads.load(std::memory_order_relaxed);
   const int threads = cap > 0 ? cap : at::get_num_threads();
@@ -190,6 +202,10 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
     in_pool_job = was;
   });
 }
+}  // namespace llamarun_kernels
+
+namespace {
+using llamarun_kernels::parallel_rows;
 
 // ---- activation quantization ---------------------------------------------------------------------
 // One row of K floats -> K int16 (per 32-block: d = amax / 32767, q = round(x / d)), d per block, and
@@ -760,6 +776,8 @@ std::vector<at::Tensor> quantize_act_op(const at::Tensor& x) {
   return {q, d, s};
 }
 
+int64_t set_spin_us(int64_t us) { return spin_micros.exchange(static_cast<int>(std::max<int64_t>(0, us))); }
+
 int64_t set_num_threads(int64_t n) {
   const int old = max_threads.exchange(static_cast<int>(std::max<int64_t>(0, n)));
   return old;
@@ -789,6 +807,7 @@ TORCH_LIBRARY(LLAMARUN_OPS_NS, m) {
   m.def("quantize_int4(Tensor w, int group_size, int steps) -> Tensor[]");
   m.def("simd_level() -> int", &simd_level);
   m.def("set_num_threads(int n) -> int", &set_num_threads);
+  m.def("set_spin_us(int us) -> int", &set_spin_us);
 }
 
 TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {

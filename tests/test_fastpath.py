@@ -1,0 +1,126 @@
+"""The fused CPU kernels (fused.cpp) and the fast-path modules against model.py's reference code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamarun import fastpath, kernels
+from llamarun.config import ModelArgs
+from llamarun.model import Attention, KVCache, RMSNorm, Transformer, rope_cache
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 64), (2, 40)])
+def test_rms_norm_matches_reference(shape):
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(shape) * 3
+    got = torch.ops.llamarun.rms_norm(x, norm.weight, norm.eps)
+    torch.testing.assert_close(got, norm(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 1536), (4, 3, 2 * 20)])
+def test_silu_mul_matches_reference(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 6  # reaches into exp's tails both ways
+    x[..., 0] = -100.0
+    x[..., 1] = 100.0
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(torch.ops.llamarun.silu_mul(x), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
+                                                                 (4, 4, 16, 3, 5), (8, 2, 128, 2, 300)])
+def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos):
+    """One new token per row: rotary, cache write and GQA attention equal model.py's Attention."""
+    torch.manual_seed(0)
+    args = ModelArgs(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, vocab_size=10,
+                     hidden_dim=32, max_seq_len=512)
+    rope = rope_cache(args, 512)
+    ref = Attention(args)
+    T = 512
+    ref.cache = KVCache(batch + 1, kv_heads, T, head_dim, torch.float32)  # cache batch larger than the input
+    ref.cache.k.normal_()
+    ref.cache.v.normal_()
+    k0, v0 = ref.cache.k.clone(), ref.cache.v.clone()
+    x = torch.randn(batch, 1, args.dim)
+    with torch.inference_mode():
+        want = ref(x, rope[pos : pos + 1], pos)
+        want_k, want_v = ref.cache.k.clone(), ref.cache.v.clone()
+        ref.cache.k.copy_(k0)
+        ref.cache.v.copy_(v0)
+        got = torch.ops.llamarun.attn_decode(ref.wqkv(x), ref.cache.k, ref.cache.v, rope[pos : pos + 1], pos,
+                                             heads, kv_heads)
+        got = ref.wo(got)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ref.cache.k, want_k, rtol=1e-6, atol=1e-6)  # the rotated key went in at pos
+    torch.testing.assert_close(ref.cache.v, want_v)
+
+
+def test_attn_decode_rejects_bad_input():
+    cache = torch.zeros(1, 2, 8, 16)
+    qkv = torch.zeros(1, 1, (4 + 4) * 16)
+    rope = torch.zeros(1, 8, 2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.llamarun.attn_decode(qkv, cache, cache.clone(), rope, 8, 4, 2)
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        torch.ops.llamarun.attn_decode(qkv[..., :-16], cache, cache.clone(), rope, 0, 4, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llamarun.attn_decode(qkv.double(), cache, cache.clone(), rope, 0, 4, 2)
+
+
+def _tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=96, max_seq_len=64)
+    model = Transformer(args).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
+
+
+def test_accelerated_model_generates_like_reference():
+    """Prefill + 10 decode steps at batch 2: logits of the fast path equal the reference's."""
+    model = _tiny_model()
+    prompt = torch.randint(0, 50, (2, 7))
+
+    def run() -> torch.Tensor:
+        model.free_cache()
+        model.setup_cache(2, 32)
+        out = [model(prompt, 0)[:, -1]]
+        tok = out[-1].argmax(-1, keepdim=True)
+        for i in range(10):
+            out.append(model(tok, 7 + i)[:, -1])
+            tok = out[-1].argmax(-1, keepdim=True)
+        return torch.stack(out)
+
+    with torch.inference_mode():
+        want = run()
+        assert fastpath.accelerate(model) == 2 * 4 + 1  # per layer two norms, attention, ffn; the final norm
+        got = run()
+        fastpath.reference(model)
+        again = run()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, want)
+
+
+def test_fast_modules_fall_back_off_the_fast_path():
+    """bfloat16 activations (and no cache) take model.py's code."""
+    model = _tiny_model().to(torch.bfloat16)
+    fastpath.accelerate(model)
+    tokens = torch.randint(0, 50, (1, 5))
+    with torch.inference_mode():
+        got = model(tokens)
+        fastpath.reference(model)
+        want = model(tokens)
+    assert torch.equal(got, want)
+
+
+def test_accelerate_is_a_no_op_without_kernels(monkeypatch):
+    monkeypatch.setenv("LLAMARUN_KERNELS", "0")
+    model = _tiny_model()
+    assert fastpath.accelerate(model) == 0
+    assert type(model.layers[0].attention) is Attention
