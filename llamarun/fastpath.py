@@ -2,7 +2,8 @@
 
 At batch 1 a decode step of a small model is mostly dispatch overhead: RMSNorm, rotary embeddings, the
 cache update, attention and SwiGLU are each chains of 5-20 tiny torch ops (about 60 per layer), against
-one fused op each in :mod:`llamarun.kernels` (fused.cpp). :func:`accelerate` switches a model's modules
+one fused op each in :mod:`llamarun.kernels` (fused.cpp); and an unquantized model's matrix-vector
+products stream their weights faster through the pool's threads than through MKL's gemv. :func:`accelerate` switches a model's modules
 to the subclasses below, in place (same parameters, same buffers). ``model.py`` stays the definition:
 every subclass falls back to it for anything but float32 on the CPU (and, for attention, anything but
 one new token per row with a cache), and tests compare the two paths.
@@ -47,12 +48,25 @@ class FastFeedForward(FeedForward):
         return super().forward(x)
 
 
-_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward}
+class FastLinear(nn.Linear):
+    """float32 weights at batch 1-4 (an unquantized model decoding): a pass over the weight at memory
+    bandwidth instead of MKL's gemv; larger inputs (prefill) stay with MKL's GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (_cpu_f32(x) and w.dtype == torch.float32 and self.bias is None and x.numel() <= 4 * self.in_features
+                and w.is_contiguous()):
+            return torch.ops.llamarun.f32_linear(x if x.is_contiguous() else x.contiguous(), w)
+        return super().forward(x)
+
+
+_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear}
 
 
 def accelerate(model: nn.Module) -> int:
-    """Switch ``model``'s RMSNorm, Attention and FeedForward modules to their fused-kernel versions, when
-    the kernels are available (see :func:`llamarun.kernels.reason`). Returns how many were switched."""
+    """Switch ``model``'s RMSNorm, Attention, FeedForward and float nn.Linear modules to their fused-kernel
+    versions, when the kernels are available (see :func:`llamarun.kernels.reason`). Returns how many were
+    switched."""
     if not kernels.available():
         return 0
     switched = 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
@@ -45,14 +45,27 @@ def default_model_path() -> Path:
     return path
 
 
+def meta_model(args: ModelArgs) -> Transformer:
+    """The model's modules on the meta device: no memory, and no random initialisation, since loaders
+    overwrite every parameter. (Skipping the init is not only tidier: on the meta device nn.Linear's and
+    nn.Embedding's init run torch's Python reference ops, whose first use imports torch._dynamo, 1-3 s
+    of the load time.)"""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            return Transformer(args)
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Create the model without allocating it (meta device), then fill it tensor by tensor.
 
     Each tensor is dequantized, converted and moved on its own, so peak memory stays near the final size.
     """
     args = ckpt.args
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     for name, param in list(model.named_parameters()):  # a tied output weight is listed once
         value = load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype)
         module_name, _, leaf = name.rpartition(".")

@@ -34,12 +34,12 @@ class RMSNorm(nn.Module):
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Per-pair rotation frequencies [D/2], with Llama 3.1 scaling applied when the model asks for it."""
     d = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     s = args.rope_scaling
     if not s:
         return freqs
     if "freq_factors" in s:  # GGUF files carry the divisors precomputed
-        return freqs / torch.tensor(s["freq_factors"], dtype=torch.float64)
+        return freqs / torch.tensor(s["freq_factors"], dtype=torch.float64, device="cpu")
     factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
     old_ctx = float(s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / freqs
@@ -52,8 +52,9 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_cache(args: ModelArgs, seq_len: int) -> torch.Tensor:
-    """cos and sin for every position: [seq_len, D/2, 2] float32."""
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(args))
+    """cos and sin for every position: [seq_len, D/2, 2] float32, computed on the CPU in float64 (callers move
+    it; on the meta device there would be nothing to compute)."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), rope_frequencies(args))
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
@@ -186,7 +187,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", rope_cache(args, args.max_seq_len), persistent=False)
+        self.register_buffer("rope", rope_cache(args, args.max_seq_len).to(torch.get_default_device()),
+                             persistent=False)
         self.cache_shape: tuple[int, int] = (0, 0)  # (batch, max_seq_len) of the current KV cache
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:

@@ -30,7 +30,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -373,25 +372,6 @@ def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_siz
     return quantize_tensor(dequantize(raw, qtype, shape).float(), mode, group_size)
 
 
-def _gguf_raw_tensors(path: str) -> dict[str, Any]:
-    """Meta name -> GGUF tensor entry (``.data``, ``.tensor_type``, ``.shape``) of a file, cached per
-    (path, size, mtime) so a rewritten file is parsed again."""
-    st = Path(path).stat()
-    return _gguf_raw_tensors_cached(path, st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=4)
-def _gguf_raw_tensors_cached(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
-    from .formats.gguf import gguf_to_meta_name, open_reader
-
-    out = {}
-    for t in open_reader(path).tensors:
-        name = gguf_to_meta_name(t.name)
-        if name is not None:
-            out[name] = t
-    return out
-
-
 def _torch_shape(shape: Any) -> tuple[int, ...]:
     """A GGUF tensor's shape in torch order: gguf.GGUFReader gives numpy arrays innermost-first,
     llamarun's own reader tuples already in [out, in] order."""
@@ -412,7 +392,7 @@ def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: st
 
     _check_mode(mode)
     group_size = fit_group_size(mode, shape[1], group_size)
-    raw = _gguf_raw_tensors(str(ckpt.path)) if getattr(ckpt, "format", None) == "gguf" else {}
+    raw = getattr(ckpt, "native", None) or {}  # GGUF blocks that may convert without dequantizing
     parts = []
     for part in checkpoint_names(name):
         t = raw.get(part)
@@ -657,8 +637,8 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
     block-for-block when they match ``mode`` (int8 / int4, group size 32). Norms stay in ``dtype``. The
     embedding is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied).
     """
-    from .generation import load_parameter
-    from .model import Transformer, rope_cache
+    from .generation import load_parameter, meta_model
+    from .model import rope_cache
 
     _check_mode(mode)
     output_mode = output_mode or DEFAULT_OUTPUT_MODE
@@ -666,8 +646,7 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
     out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
     device = torch.device(device)
     args = ckpt.args
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     for name in linear_names(model):
         lin = model.get_submodule(name)
         m, g = (output_mode, out_gs) if name == "output" else (mode, group_size)
@@ -686,7 +665,6 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     model.rope = rope_cache(args, args.max_seq_len).to(device)
-    _gguf_raw_tensors_cached.cache_clear()  # the parsed header (vocabulary included) is not needed any more
     return model.eval()
 
 
@@ -800,7 +778,8 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     from safetensors import safe_open
 
     from .config import ModelArgs
-    from .model import Transformer, rope_cache
+    from .generation import meta_model
+    from .model import rope_cache
 
     path = Path(path)
     if not is_quantized_checkpoint(path):
@@ -817,8 +796,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     dtype = dtype or getattr(torch, meta.get("compute_dtype", "float32"))
     tok_blob = state.pop("__tokenizer_gguf_json__", None)
 
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     for name, info in layers.items():
         mode = info["mode"]
         qt = QuantizedTensor(mode, state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"),

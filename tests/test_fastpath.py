@@ -33,6 +33,15 @@ def test_silu_mul_matches_reference(shape):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 2, 64), (1, 40)])
+@pytest.mark.parametrize("n", [960, 7])
+def test_f32_linear_matches_torch(shape, n):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(n, shape[-1])
+    torch.testing.assert_close(torch.ops.llamarun.f32_linear(x, w), torch.nn.functional.linear(x, w),
+                               rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
                                                                  (4, 4, 16, 3, 5), (8, 2, 128, 2, 300)])
 def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos):
@@ -99,7 +108,8 @@ def test_accelerated_model_generates_like_reference():
 
     with torch.inference_mode():
         want = run()
-        assert fastpath.accelerate(model) == 2 * 4 + 1  # per layer two norms, attention, ffn; the final norm
+        # Per layer: two norms, attention, ffn and 4 linears (wqkv, wo, w13, w2); the final norm and output.
+        assert fastpath.accelerate(model) == 2 * 8 + 2
         got = run()
         fastpath.reference(model)
         again = run()

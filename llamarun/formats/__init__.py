@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -44,6 +44,9 @@ class Checkpoint:
     format: str  # "gguf", "meta", "hf", "llama2c"
     path: Path
     tensor_types: dict[str, str] = field(default_factory=dict)  # name -> storage type ("Q4_1", "F32", ...)
+    # Meta name -> the format's own entry for a tensor, for loaders that convert stored blocks without
+    # dequantizing (GGUF: a TensorInfo with .data, .tensor_type, .shape).
+    native: Mapping[str, Any] = field(default_factory=dict)
 
 
 def detect_format(path: str | Path) -> str:

@@ -124,6 +124,20 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, count: int) -> list[str]:
+        """``count`` strings in a row: the vocabulary and merges, ~100k entries, so the loop is kept tight."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            pos += 8
+            if pos + n > end:
+                raise ValueError("string runs past the end of the file")
+            out.append(str(buf[pos : pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype == 8:
             return self.string()
@@ -135,6 +149,8 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=_NUMPY[itype], count=count, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
+            if itype == 8:
+                return self.strings(count)
             return [self.value(itype) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {vtype}")
 
@@ -250,7 +266,7 @@ def load(path: str | Path) -> Checkpoint:
         factors = dequantize(rf.data, rf.tensor_type, (-1,))
         args.rope_scaling = {"freq_factors": factors.float().tolist()}
 
-    loaders, types = {}, {}
+    loaders, types, native = {}, {}, {}
     for name, t in tensors.items():
         meta_name = gguf_to_meta_name(name)
         if meta_name is None:
@@ -258,6 +274,7 @@ def load(path: str | Path) -> Checkpoint:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise FormatError(f"{path}: tensor {name} has unsupported type {t.tensor_type.name}")
         types[meta_name] = t.tensor_type.name
+        native[meta_name] = t
         loaders[meta_name] = (lambda t=t, s=shapes[name]: dequantize(t.data, t.tensor_type, s))
     _check_complete(path, args, loaders)
     try:
@@ -265,7 +282,7 @@ def load(path: str | Path) -> Checkpoint:
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
     return Checkpoint(args=args, tensors=LazyTensors(loaders), tokenizer=tokenizer, format="gguf",
-                      path=path, tensor_types=types)
+                      path=path, tensor_types=types, native=native)
 
 
 def _check_complete(path: Path, args: ModelArgs, names: dict) -> None:

@@ -1,6 +1,6 @@
 """Fast CPU kernels for weight-only quantized linear layers (int8 and int4), built on first use.
 
-The C++ source (``qlinear.cpp`` beside this file) is compiled once per machine with the system C++
+The C++ sources (``qlinear.cpp``, ``fused.cpp`` beside this file) are compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers, ``-O3 -march=native``, into
 ``~/.cache/llamarun/kernels/<key>/`` (``$LLAMARUN_CACHE`` overrides the root), where ``key`` hashes the
 source, the flags, the torch version, the compiler and the CPU's feature flags. Builds happen under a file lock, so
@@ -25,7 +25,11 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
 - ``quantize_act(x [M, K]) -> [q int16, d f32, s f32]``: the per-32-block int16 activation quantization
   the integer dot products use (for tests).
 - ``set_num_threads(n)``: threads for the ops above (0: follow ``torch.set_num_threads``); see
-  :func:`set_num_threads`.
+  :func:`set_num_threads`. ``set_spin_us(us)``: how long idle helper threads wait for the next call before
+  sleeping (default 100, or ``$LLAMARUN_SPIN_US``; 0 on a machine whose cores are all busy).
+- Fused float32 glue for decoding (``fused.cpp``, used by :mod:`llamarun.fastpath`): ``rms_norm(x, weight,
+  eps)``, ``silu_mul(x [..., 2F]) -> [..., F]`` and ``attn_decode(qkv, k_cache, v_cache, rope, pos, n_heads,
+  n_kv_heads)`` (rotary embedding, cache write and attention for one new token per row).
 
 Threads: a small pool of helper threads with dynamic chunking (not OpenMP): the caller never waits for a
 helper that has not started, so a loaded machine costs single-thread speed rather than OpenMP barrier
@@ -199,3 +203,10 @@ def set_num_threads(n: int | None) -> None:
     """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``)."""
     if available():
         torch.ops.llamarun.set_num_threads(int(n or 0))
+
+
+def set_spin_us(us: int) -> int:
+    """How long (microseconds) idle helper threads wait for the next call before sleeping; returns the old
+    value. 100 by default (``$LLAMARUN_SPIN_US``): keeps helpers warm between the matrix products of a
+    decode step. 0 suits a machine whose cores are all busy with other work."""
+    return int(ops().set_spin_us(int(us)))

@@ -68,14 +68,16 @@ inline float h2f(uint16_t h) {
 // works through the chunks itself and helpers join in if and when they get a core. Nobody waits for a
 // helper that has not started, so when other processes hold the cores (a shared machine) a call costs
 // what one thread costs, instead of the OpenMP barrier's multi-millisecond stalls (measured: 10% of
-// calls took ~8 ms with 2 OpenMP threads on a loaded 2-core machine). Helpers sleep on a condition
-// variable between calls instead of spinning: measured on the loaded 2-core machine, a helper spinning
-// 0.1 / 2 ms after each call made SmolLM2 decode 35% / 90% slower (it competes with the calling thread
-// for the cores), while waking it per call costs the caller ~2 us.
-// How long a helper spins for the next call before it sleeps (llamarun.set_spin_us; env LLAMARUN_SPIN_US).
+// calls took ~8 ms with 2 OpenMP threads on a loaded 2-core machine). After a call, a helper spins for
+// the next one for a short while (100 us by default), then sleeps on a condition variable. Waking a
+// sleeping helper is cheap for the caller (~2 us) but slow for the helper: on a VM an idle vCPU takes tens
+// of microseconds to run again, longer than a batch-1 layer's whole product, so without the spin the
+// caller ends up doing most of the work alone. Measured on an idle 2-core VM (SmolLM2 int4 decode, batch
+// 1): 0 us -> ~50 tok/s, 100 us -> ~70 tok/s. On a machine whose cores are all busy the spin costs
+// instead (0.1 / 2 ms spins made decode 35% / 90% slower there): LLAMARUN_SPIN_US=0 turns it off.
 int spin_default() {
   const char* v = std::getenv("LLAMARUN_SPIN_US");
-  return v ? std::atoi(v) : 0;
+  return v ? std::max(0, std::atoi(v)) : 100;
 }
 std::atomic<int> spin_micros{spin_default()};
 
