@@ -160,14 +160,14 @@ def _register_fakes() -> None:
     """Shape functions so torch.compile / meta tensors can trace through the ops."""
     lib = "llamarun::"
 
-    def linear_fake(x, qweight, scales, *rest):
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    def linear_fake(x, weight, *rest):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     def silu_mul_fake(x):
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
     fakes = {"q8_linear": linear_fake, "q4_linear": linear_fake, "silu_mul": silu_mul_fake,
-             "rms_norm": lambda x, weight, eps: torch.empty_like(x)}
+             "rms_norm": lambda x, weight, eps: torch.empty_like(x), "f32_linear": linear_fake}
     for op, fake in fakes.items():
         try:
             torch.library.register_fake(lib + op)(fake)
