@@ -304,13 +304,13 @@ def worker_main(spec_path: str) -> int:
             rec.save()
         steps = spec["decode_tokens"]
         for b in spec["batch"]:
-            if eng.max_batch is not None and b > eng.max_batch:
-                data["notes"].append(f"decode batch {b}: not supported (batch <= {eng.max_batch})")
-                continue
             if DECODE_PROMPT_LEN + steps + 1 > eng.ctx:
                 data["notes"].append(f"decode: {DECODE_PROMPT_LEN}+{steps} tokens exceed the context ({eng.ctx})")
                 break
-            p = prompts(b, DECODE_PROMPT_LEN)
+            p = prompts(b, DECODE_PROMPT_LEN)  # made (and digested) even when skipped: same digest if same prompts
+            if eng.max_batch is not None and b > eng.max_batch:
+                data["notes"].append(f"decode batch {b}: not supported (batch <= {eng.max_batch})")
+                continue
             data["decode"][str(b)] = round(b * steps / min(eng.decode(p, steps) for _ in range(repeat)), 2)
             contention()
             rec.save()

@@ -209,6 +209,9 @@ class Llama:
         rows = max(max(batch_sizes), self.max_batch_size or 1)
         self.model.setup_cache(rows, self.max_seq_len)  # allocated once: its addresses are part of the graph
         with torch.inference_mode():
+            # One eager step first: modules make their lazy decisions (are the CPU kernels usable?) outside
+            # the graph, where dynamo cannot follow them (locks, file system).
+            self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0, last_only=True)
             for b in batch_sizes:
                 tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
                 for _ in range(3 if cuda else 1):  # CUDA graph trees record on the 2nd-3rd call
@@ -419,8 +422,10 @@ class Llama:
         """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces), scoring them when asked;
         returns the logits of the last position [B, V]."""
         if self._decode_step is not None and cur - prev == 1:
-            pos = torch.tensor([prev], device=self.device)
-            logits = self._decode_step(run.tokens[:, prev:cur], pos)
+            # Fresh tensors with the warm-up's exact strides and flags: a view of run.tokens would carry
+            # strides that change with each generation's length, and each change would recompile.
+            tok = run.tokens[:, prev:cur].clone(memory_format=torch.contiguous_format)
+            logits = self._decode_step(tok, torch.tensor([prev], device=self.device))
             if logprobs:
                 self._score(run, logits, prev, cur)
             return logits[:, -1]
