@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,6 +12,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str):
+    """Import a script that is not part of a package (benchmarks/, examples/) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 SHARED_TOKENIZERS = REPO.parent / "shared" / "data" / "llama2-tokenizer"
 
 # The five prompts every parity check uses.

@@ -3,7 +3,6 @@ engines reported in their column. Never asserts timings (only that they are posi
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -12,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
 from test_cli import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "compare.py"
 
 
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("llamarun_bench_compare", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-compare = _load_compare()
+compare = load_script(SCRIPT, "llamarun_bench_compare")
 
 
 def run_compare(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

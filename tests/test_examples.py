@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from _ckpt_utils import random_weights, tiny_args, train_sentencepiece, write_meta
+from conftest import load_script
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -92,11 +93,7 @@ def test_examples_with_python_and_torchrun(ckpt, tmp_path):
 
 def test_example_arguments():
     """Meta's fire-style command lines parse; mistakes are argparse usage errors (exit 2)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_args", EXAMPLES / "_args.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(EXAMPLES / "_args.py", "_args")
     defaults = dict(max_seq_len=128, max_batch_size=4, max_gen_len=64)
     a = mod.parse_args("x", argv=["--ckpt_dir", "d", "--tokenizer_path=t.model", "--max-seq-len", "256",
                                   "--temperature=0"], **defaults)

@@ -4,7 +4,6 @@ table. run.c itself is never needed: the engines are replaced by stubs where tim
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "llama2c.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("llamarun_bench_llama2c", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_script()
+bench = load_script(SCRIPT, "llamarun_bench_llama2c")
 needs_tokenizer = pytest.mark.skipif(not bench.DEFAULT_TOKENIZER.is_file(),
                                      reason=f"{bench.DEFAULT_TOKENIZER} not present")
 
