@@ -115,6 +115,9 @@ def _load(args: argparse.Namespace, batch: int = 1):
                      memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
     print(f"llamarun: {llm.checkpoint.path.name}: {plan_summary(llm.plan)}", file=sys.stderr)
     if args.compile:
+        if llm.device.type == "cpu":
+            print("llamarun: note: on a CPU the eager fused kernels usually decode faster than the compiled step "
+                  "(--compile is meant for CUDA graphs)", file=sys.stderr)
         print("llamarun: compiling the decode step (minutes the first time, cached afterwards)...", file=sys.stderr)
         llm.compile(tuple(sorted(set(getattr(args, "batch", None) or [batch or 1]))))
         print(f"llamarun: compiled in {llm.compile_s:.1f} s", file=sys.stderr)
