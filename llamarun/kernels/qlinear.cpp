@@ -39,6 +39,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <unistd.h>
 #include <chrono>
 
@@ -503,32 +504,41 @@ void run_rows(int64_t M, int64_t N, int64_t row_bytes, RowsFn&& rows) {
   });
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size) {
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8 qweight must be int8 [out, in]");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
-  check_common(x, qweight, scales, K, group_size);
+// The shared body of the two linear ops: quantize x's M rows once, into buffers reused by the calling
+// thread, then call rows(std::integral_constant<int, R>, a, m0, n0, n1, out) for every tile of up to MB
+// activation rows (R = 1..4, a compile-time count) and weight rows [n0, n1).
+template <typename Rows>
+at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_bytes, Rows&& rows) {
   const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const int64_t M = K ? x.numel() / K : 0;
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M > 0 && N > 0) {
-    // Reused per calling thread. Bind a plain reference: a lambda naming a thread_local directly would
-    // read the *running* thread's instance when a pool helper runs it.
+    // Bind a plain reference: a lambda naming a thread_local directly would read the *running* thread's
+    // instance when a pool helper runs it.
     thread_local QuantizedActivations tls_act;
     QuantizedActivations& a = tls_act;
     quantize_activations(xc.data_ptr<float>(), M, K, a);
-    const int8_t* W = qweight.data_ptr<int8_t>();
-    const uint16_t* S = f16_bits(scales);
     float* out = y.data_ptr<float>();
-    run_rows(M, N, K, [&](int64_t m0, int64_t r, int64_t n0, int64_t n1) {
+    run_rows(M, N, row_bytes, [&](int64_t m0, int64_t r, int64_t n0, int64_t n1) {
       switch (r) {
-        case 4: q8_rows<4>(W, S, K, group_size, a, m0, n0, n1, out, N); break;
-        case 3: q8_rows<3>(W, S, K, group_size, a, m0, n0, n1, out, N); break;
-        case 2: q8_rows<2>(W, S, K, group_size, a, m0, n0, n1, out, N); break;
-        default: q8_rows<1>(W, S, K, group_size, a, m0, n0, n1, out, N); break;
+        case 4: rows(std::integral_constant<int, 4>{}, a, m0, n0, n1, out); break;
+        case 3: rows(std::integral_constant<int, 3>{}, a, m0, n0, n1, out); break;
+        case 2: rows(std::integral_constant<int, 2>{}, a, m0, n0, n1, out); break;
+        default: rows(std::integral_constant<int, 1>{}, a, m0, n0, n1, out); break;
       }
     });
   }
   return y;
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8 qweight must be int8 [out, in]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  check_common(x, qweight, scales, K, group_size);
+  const int8_t* W = qweight.data_ptr<int8_t>();
+  const uint16_t* S = f16_bits(scales);
+  return linear_op(x, N, K, K, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
+                                   float* out) { q8_rows<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
@@ -538,29 +548,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   check_common(x, qweight, scales, K, group_size);
   TORCH_CHECK(is_f16_storage(mins) && mins.sizes() == scales.sizes() && mins.is_contiguous(),
               "mins must be float16 and shaped like scales");
-  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const int64_t M = K ? x.numel() / K : 0;
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  if (M > 0 && N > 0) {
-    // Reused per calling thread. Bind a plain reference: a lambda naming a thread_local directly would
-    // read the *running* thread's instance when a pool helper runs it.
-    thread_local QuantizedActivations tls_act;
-    QuantizedActivations& a = tls_act;
-    quantize_activations(xc.data_ptr<float>(), M, K, a);
-    const uint8_t* W = qweight.data_ptr<uint8_t>();
-    const uint16_t* S = f16_bits(scales);
-    const uint16_t* Z = f16_bits(mins);
-    float* out = y.data_ptr<float>();
-    run_rows(M, N, K / 2, [&](int64_t m0, int64_t r, int64_t n0, int64_t n1) {
-      switch (r) {
-        case 4: q4_rows<4>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); break;
-        case 3: q4_rows<3>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); break;
-        case 2: q4_rows<2>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); break;
-        default: q4_rows<1>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); break;
-      }
-    });
-  }
-  return y;
+  const uint8_t* W = qweight.data_ptr<uint8_t>();
+  const uint16_t* S = f16_bits(scales);
+  const uint16_t* Z = f16_bits(mins);
+  return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
+                                       float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
 }
 
 // ---- dequantization (the large-batch path feeds the result to a float GEMM) -------------------------
