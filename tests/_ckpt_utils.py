@@ -310,3 +310,19 @@ def run_cli_in_process(args: list, capsys):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([str(a) for a in args], code, out, err)
+
+
+def assert_load_fails_with_one_line(path: Path, needle: str, capsys) -> None:
+    """A bad checkpoint: load_checkpoint raises a one-line FormatError naming the problem, and what
+    `llamarun info` shows is that line, exit code 2, no traceback."""
+    import pytest
+
+    from conftest import assert_one_line_error
+    from llamarun.errors import FormatError
+    from llamarun.formats import load_checkpoint
+
+    with pytest.raises(FormatError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, (Path(path).name, msg)
+    assert_one_line_error(run_cli_in_process(["info", path], capsys), 2, needle)

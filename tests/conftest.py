@@ -20,6 +20,8 @@ def load_script(path: Path, name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
 SHARED_TOKENIZERS = REPO.parent / "shared" / "data" / "llama2-tokenizer"
 
 # The five prompts every parity check uses.
@@ -30,6 +32,18 @@ PROMPTS = [
     "def fibonacci(n):",
     "Explain why the sky is blue in one sentence.",
 ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch ops on one thread: on a shared, loaded machine OpenMP's barriers stall
+    (milliseconds per op) and would make kernel and quantization tests take minutes; nothing there
+    measures speed, and the kernels' own threading is tested explicitly
+    (test_kernels.test_threads_and_repeated_calls_agree). Use with pytest.mark.usefixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from _ckpt_utils import (default_model_path, hf_state_dict, logits, random_weights, run_cli_in_process,
+from _ckpt_utils import (assert_load_fails_with_one_line, default_model_path, hf_state_dict, logits, random_weights, run_cli_in_process,
                          run_cli_parallel, sample_tokens, tiny_args, train_sentencepiece, write_hf, write_meta)
 from conftest import assert_one_line_error
 from llamarun.errors import FormatError
@@ -159,10 +159,7 @@ def _bad_checkpoints(open_llama_style, root):
 
 def test_bad_checkpoints_fail_with_one_line(open_llama_style, tmp_path, capsys):
     for d, needle in _bad_checkpoints(open_llama_style, tmp_path):
-        with pytest.raises(FormatError) as e:
-            load_checkpoint(d)
-        assert needle in str(e.value) and "\n" not in str(e.value), (d.name, str(e.value))
-        assert_one_line_error(run_cli_in_process(["info", d], capsys), 2, needle)
+        assert_load_fails_with_one_line(d, needle, capsys)
 
 
 def test_cli_info(open_llama_style, tmp_path, capsys):

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from _ckpt_utils import (logits, random_weights, run_cli_in_process, run_cli_parallel, sample_tokens, tiny_args,
+from _ckpt_utils import (assert_load_fails_with_one_line, logits, random_weights, run_cli_in_process, run_cli_parallel, sample_tokens, tiny_args,
                          train_sentencepiece, write_llama2c, write_llama2c_tokenizer, write_meta)
 from conftest import assert_one_line_error
 from llamarun.errors import FormatError
@@ -114,10 +114,7 @@ def _bad_files(setup, root):
 
 def test_bad_files_fail_with_one_line(setup, tmp_path, capsys):
     for path, needle in _bad_files(setup, tmp_path):
-        with pytest.raises(FormatError) as e:
-            load_checkpoint(path)
-        assert needle in str(e.value) and "\n" not in str(e.value), (path.name, str(e.value))
-        assert_one_line_error(run_cli_in_process(["info", path], capsys), 2, needle)
+        assert_load_fails_with_one_line(path, needle, capsys)
 
 
 def test_cli_info(setup, tmp_path, capsys):

@@ -20,15 +20,7 @@ from llamarun import quantize as Q
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's torch ops on one thread: on a shared, loaded machine OpenMP's barriers stall
-    (milliseconds per op) and would make these tests take minutes; nothing here measures speed, and the
-    kernels' own threading is tested explicitly (test_threads_and_repeated_calls_agree)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 M_VALUES = [1, 3, 17, 64]
 

@@ -39,15 +39,7 @@ adding a very small number to a very large one sometimes changes nothing at all.
 THRESHOLDS = {"int8": (0.95, 0.02), "int4": (0.85, 0.10)}  # top-1 agreement >=, perplexity increase <=
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Run this module's torch ops on one thread: on a shared, loaded machine OpenMP's barriers stall
-    (milliseconds per op) and would make these tests take minutes; nothing here measures speed, and the
-    kernels' own threading is tested explicitly (test_threads_and_repeated_calls_agree)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------
