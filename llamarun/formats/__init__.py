@@ -7,6 +7,7 @@ Tensors are produced lazily, one at a time, so a loader can fill a model layer b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -16,6 +17,19 @@ import torch
 from ..config import ModelArgs
 from ..errors import FormatError
 from ..tokenizer import Tokenizer
+
+
+def to_meta_name(name: str, global_names: Mapping[str, str], layer_re: re.Pattern,
+                 layer_names: Mapping[str, str]) -> str | None:
+    """Map a format's tensor name to Meta's: whole-model tensors through ``global_names``, per-layer ones
+    through ``layer_re`` (capturing the layer index and the rest) and ``layer_names``; None for tensors
+    the model has no use for (rotary caches...)."""
+    if name in global_names:
+        return global_names[name]
+    m = layer_re.fullmatch(name)
+    if m and m.group(2) in layer_names:
+        return f"layers.{m.group(1)}.{layer_names[m.group(2)]}"
+    return None
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):

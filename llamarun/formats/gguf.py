@@ -19,7 +19,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import FormatError
-from . import Checkpoint, LazyTensors
+from . import Checkpoint, LazyTensors, to_meta_name
 
 try:
     import gguf
@@ -57,12 +57,7 @@ SUPPORTED_TYPES = {
 
 def gguf_to_meta_name(name: str) -> str | None:
     """Map a GGUF tensor name to Meta's, or None for tensors the model has no use for."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
+    return to_meta_name(name, _GLOBAL_NAMES, _LAYER_RE, _LAYER_NAMES)
 
 
 # GGUF value types -> struct format of one scalar (8 = string, 9 = array are handled apart).

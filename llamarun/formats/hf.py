@@ -21,7 +21,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import FormatError
-from . import Checkpoint, LazyTensors
+from . import Checkpoint, LazyTensors, to_meta_name
 from .meta import DTYPE_NAMES, check_tensors, find_tokenizer, load_tokenizer, load_torch_file, read_json
 
 # Architectures that are LLaMA under another name. Mistral is LLaMA plus a sliding attention window, so
@@ -52,12 +52,7 @@ _META_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 def hf_to_meta_name(name: str) -> str | None:
     """Map an HF tensor name to Meta's, or None for tensors the model has no use for (rotary caches...)."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    return None
+    return to_meta_name(name, _GLOBAL_NAMES, _LAYER_RE, LAYER_NAMES)
 
 
 def meta_to_hf_name(name: str) -> str:
