@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,33 +97,31 @@ def _bad_checkpoints(setup, spm_model, root):
     args, weights, dirs, _ = setup
     cases = []
 
-    d = root / "params_disagree"
-    shutil.copytree(dirs[1], d)
+    def variant(name: str, src: Path) -> Path:  # a copy of a good checkpoint, to break
+        shutil.copytree(src, root / name)
+        return root / name
+
+    d = variant("params_disagree", dirs[1])
     (d / "params.json").write_text(json.dumps({**meta_params(args), "dim": 128, "n_heads": 8}))
     cases.append((d, "params.json disagrees with the weights"))
 
-    d = root / "gap"
-    shutil.copytree(dirs[4], d)
+    d = variant("gap", dirs[4])
     (d / "consolidated.01.pth").unlink()
     cases.append((d, "consolidated.01.pth is missing"))
 
-    d = root / "last_missing"
-    shutil.copytree(dirs[2], d)
+    d = variant("last_missing", dirs[2])
     (d / "consolidated.01.pth").unlink()
     cases.append((d, "is a consolidated.NN.pth missing?"))
 
-    d = root / "no_tokenizer"
-    shutil.copytree(dirs[1], d)
+    d = variant("no_tokenizer", dirs[1])
     (d / "tokenizer.model").unlink()
     cases.append((d, "no tokenizer.model"))
 
-    d = root / "bad_json"
-    shutil.copytree(dirs[1], d)
+    d = variant("bad_json", dirs[1])
     (d / "params.json").write_text("{'dim': 64,")
     cases.append((d, "params.json: unreadable"))
 
-    d = root / "missing_key"
-    shutil.copytree(dirs[1], d)
+    d = variant("missing_key", dirs[1])
     (d / "params.json").write_text(json.dumps({"dim": 64}))
     cases.append((d, "params.json: missing or invalid hyper-parameter"))
 
