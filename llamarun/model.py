@@ -53,7 +53,7 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 def rope_cache(args: ModelArgs, seq_len: int) -> torch.Tensor:
     """cos and sin for every position: [seq_len, D/2, 2] float32, computed on the CPU in float64 (callers move
-    it; on the meta device there would be nothing to compute)."""
+    it where the model is)."""
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), rope_frequencies(args))
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
@@ -187,8 +187,11 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("rope", rope_cache(args, args.max_seq_len).to(torch.get_default_device()),
-                             persistent=False)
+        dev = torch.get_default_device()
+        # On the meta device (loaders build the model there, then fill it in) there is nothing to compute.
+        rope = (torch.empty(args.max_seq_len, args.head_dim // 2, 2, device=dev) if dev.type == "meta"
+                else rope_cache(args, args.max_seq_len).to(dev))
+        self.register_buffer("rope", rope, persistent=False)
         self.cache_shape: tuple[int, int] = (0, 0)  # (batch, max_seq_len) of the current KV cache
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
