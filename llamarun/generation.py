@@ -194,9 +194,9 @@ class Llama:
         artifacts are cached under ``~/.cache/llamarun/inductor`` (``$TORCHINDUCTOR_CACHE_DIR``), so a
         later process reuses them instead of compiling again. Prefill stays eager.
         """
-        from .kernels import _cache_root
+        from .kernels import cache_root
 
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_root() / "inductor"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
         model = self.model

@@ -57,7 +57,8 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "reason": str, "path": Path
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """llamarun's cache directory: ``$LLAMARUN_CACHE``, else ``~/.cache/llamarun`` (kernels, compiled graphs)."""
     root = os.environ.get("LLAMARUN_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "llamarun"
 
@@ -113,7 +114,7 @@ def _build() -> Path:
         h.update((here / name).read_bytes())
     for part in (torch.__version__, _compiler_version(cxx), _cpu_flags(), sys.version, " ".join(_FLAGS)):
         h.update(part.encode())
-    build_dir = _cache_root() / "kernels" / h.hexdigest()[:20]
+    build_dir = cache_root() / "kernels" / h.hexdigest()[:20]
     lib = build_dir / _LIB_NAME
     if lib.is_file():
         return lib
