@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .model import Attention, FeedForward, RMSNorm
+from .model import Attention, FeedForward, RMSNorm, Transformer
+from .quantize import Int4Linear, Int8Linear
 
 
 def _cpu_f32(x: torch.Tensor) -> bool:
@@ -60,7 +61,95 @@ class FastLinear(nn.Linear):
         return super().forward(x)
 
 
-_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear}
+def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, tuple[torch.Tensor, ...]] | None:
+    """(bits, group size, 3 weight tensors) of a linear layer for ``decode_layers``, or None if the op
+    cannot run it as its own forward would (another dtype or device, a bias, the dense large-batch path)."""
+    if isinstance(lin, Int4Linear) or isinstance(lin, Int8Linear):
+        if not (lin.qweight.is_cpu and rows < lin.dense_min_rows and lin._kernel_ok()):
+            return None
+        if isinstance(lin, Int4Linear):
+            return 4, lin.group_size, (lin.qweight, lin.scales, lin.mins)
+        return 8, lin.group_size, (lin.qweight, lin.scales, lin.qweight)
+    if type(lin) is FastLinear and lin.bias is None:
+        w = lin.weight
+        if _cpu_f32(w) and w.is_contiguous():
+            return 32, 0, (w, w, w)
+    return None
+
+
+class FastTransformer(Transformer):
+    """A decode step (one new token per row, an int position, a cache) runs the whole layer stack in one
+    C++ op, ``decode_layers`` (kernels/layers.cpp): no Python between the layers' ops. Anything else, or a
+    model the op cannot run as is (offloaded or hooked layers, other dtypes), takes Transformer.forward.
+
+    The op's argument lists are gathered once and kept until the KV cache is reallocated or the model is
+    moved or cast (``_apply``); gathering costs ~40 us a layer, as much as a small layer's arithmetic.
+    Replacing modules or parameters of an accelerated model in place is not tracked: call
+    :func:`accelerate` again afterwards (it starts from a fresh gathering)."""
+
+    _stacks: dict | None = None  # row count -> the op's lists, or None where it can't run
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+        if isinstance(start_pos, int) and tokens.shape[1] == 1 and tokens.is_cpu:
+            stack = self._decode_stack(tokens.shape[0])
+            if stack is not None:
+                h = self.tok_embeddings(tokens)
+                if _cpu_f32(h):
+                    a = self.args
+                    h = torch.ops.llamarun.decode_layers(h, *stack[:2], self.rope[start_pos : start_pos + 1],
+                                                         *stack[2:], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
+                    return self.output(self.norm(h)).float()
+        return super().forward(tokens, start_pos, last_only)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stacks = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        shape = self.cache_shape
+        super().setup_cache(batch, max_seq_len, dtype)
+        if self.cache_shape != shape:  # new cache tensors
+            self._stacks = None
+
+    def free_cache(self) -> None:
+        self._stacks = None
+        super().free_cache()
+
+    def _decode_stack(self, rows: int) -> tuple[list, list, list, list] | None:
+        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows, or None if the op can't run them."""
+        stacks = self._stacks
+        if stacks is None:
+            stacks = self._stacks = {}
+        if rows not in stacks:
+            stacks[rows] = _gather_stack(self, rows)
+        return stacks[rows]
+
+
+def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list] | None:
+    weights, kinds, kc, vc = [], [], [], []
+    for layer in model.layers:
+        attn, ff = layer.attention, layer.feed_forward
+        cache = attn.cache
+        if (cache is None or not _cpu_f32(cache.k) or layer._forward_hooks or layer._forward_pre_hooks
+                or type(attn) is not FastAttention or type(ff) is not FastFeedForward):
+            return None
+        norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
+        if not (_cpu_f32(norms[0]) and _cpu_f32(norms[1])):
+            return None
+        weights += norms
+        for lin in (attn.wqkv, attn.wo, ff.w13, ff.w2):
+            spec = _linear_spec(lin, rows)
+            if spec is None:
+                return None
+            kinds += spec[:2]
+            weights += spec[2]
+        kc.append(cache.k)
+        vc.append(cache.v)
+    return weights, kinds, kc, vc
+
+
+_FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear,
+         Transformer: FastTransformer}
 
 
 def accelerate(model: nn.Module) -> int:
@@ -75,6 +164,8 @@ def accelerate(model: nn.Module) -> int:
         if fast is not None:
             module.__class__ = fast  # same attributes, new forward: no copy, no re-registration
             switched += 1
+        if isinstance(module, FastTransformer):
+            module._stacks = None
     return switched
 
 

@@ -8,6 +8,7 @@ import torch
 from llamarun import fastpath, kernels
 from llamarun.config import ModelArgs
 from llamarun.model import Attention, KVCache, RMSNorm, Transformer, rope_cache
+from llamarun.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
 
@@ -82,39 +83,73 @@ def test_attn_decode_rejects_bad_input():
         torch.ops.llamarun.attn_decode(qkv.double(), cache, cache.clone(), rope, 0, 4, 2)
 
 
-def _tiny_model(seed: int = 0) -> Transformer:
+def _tiny_model(seed: int = 0, mode: str = "none") -> Transformer:
     torch.manual_seed(seed)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=96, max_seq_len=64)
     model = Transformer(args).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
+    if mode != "none":
+        quantize_model(model, mode)
     return model
 
 
-def test_accelerated_model_generates_like_reference():
-    """Prefill + 10 decode steps at batch 2: logits of the fast path equal the reference's."""
-    model = _tiny_model()
-    prompt = torch.randint(0, 50, (2, 7))
-
-    def run() -> torch.Tensor:
-        model.free_cache()
-        model.setup_cache(2, 32)
-        out = [model(prompt, 0)[:, -1]]
+def _decode(model: Transformer, prompt: torch.Tensor, steps: int = 10) -> torch.Tensor:
+    """Logits of a prefill and ``steps`` greedy decode steps [steps + 1, B, vocab], from a fresh cache."""
+    model.free_cache()
+    model.setup_cache(prompt.shape[0], 32)
+    out = [model(prompt, 0)[:, -1]]
+    tok = out[-1].argmax(-1, keepdim=True)
+    for i in range(steps):
+        out.append(model(tok, prompt.shape[1] + i)[:, -1])
         tok = out[-1].argmax(-1, keepdim=True)
-        for i in range(10):
-            out.append(model(tok, 7 + i)[:, -1])
-            tok = out[-1].argmax(-1, keepdim=True)
-        return torch.stack(out)
+    return torch.stack(out)
 
+
+@pytest.mark.parametrize("mode,batch", [("none", 2), ("none", 6), ("int8", 1), ("int4", 3)])
+def test_accelerated_model_generates_like_reference(mode, batch):
+    """Prefill + 10 decode steps: logits of the fast path (decode steps through the one-op layer stack,
+    decode_layers) equal the reference's, for float32 weights (6 rows: the GEMM branch), int8 and int4."""
+    model = _tiny_model(mode=mode)
+    prompt = torch.randint(0, 50, (batch, 7))
     with torch.inference_mode():
-        want = run()
-        # Per layer: two norms, attention, ffn and 4 linears (wqkv, wo, w13, w2); the final norm and output.
-        assert fastpath.accelerate(model) == 2 * 8 + 2
-        got = run()
+        want = _decode(model, prompt)
+        # Per layer: two norms, attention, ffn and 4 linears (float only: wqkv, wo, w13, w2); the final norm,
+        # the output layer (float only) and the Transformer.
+        assert fastpath.accelerate(model) == 2 * (4 + (4 if mode == "none" else 0)) + 2 + (mode == "none")
+        got = _decode(model, prompt)
+        assert model._decode_stack(batch) is not None  # the steps went through decode_layers
         fastpath.reference(model)
-        again = run()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        again = _decode(model, prompt)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-4)  # float32 sums in another order
     assert torch.equal(again, want)
+
+
+def test_decode_stack_follows_the_cache_and_model():
+    """The gathered op arguments are dropped when the cache is reallocated or the model cast, and the
+    stack is not used where the op can't run the model as it is (hooked layers, big batches)."""
+    model = _tiny_model(mode="int4")
+    fastpath.accelerate(model)
+    prompt = torch.randint(0, 50, (1, 5))
+    with torch.inference_mode():
+        want = _decode(model, prompt)
+        model.setup_cache(1, 48)  # bigger: new cache tensors
+        assert model._decode_stack(1)[2][0] is model.layers[0].attention.cache.k
+        torch.testing.assert_close(_decode(model, prompt), want)
+        assert model._decode_stack(model.layers[0].attention.wqkv.dense_min_rows) is None
+        handle = model.layers[1].register_forward_pre_hook(lambda module, args: None)
+        model.free_cache()
+        model.setup_cache(1, 32)
+        assert model._decode_stack(1) is None
+        handle.remove()
+        model.to(torch.float32)  # _apply: gathered again
+        assert model._stacks is None and model._decode_stack(1) is not None
+
+
+def test_decode_layers_rejects_bad_input():
+    x = torch.zeros(1, 1, 64)
+    with pytest.raises(RuntimeError, match="per layer"):
+        torch.ops.llamarun.decode_layers(x, [x], [32, 0], torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
 
 
 def test_fast_modules_fall_back_off_the_fast_path():

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("qlinear.cpp", "fused.cpp")  # compiled together into one library
-_HEADERS = ("pool.h",)
+_SOURCES = ("qlinear.cpp", "fused.cpp", "layers.cpp")  # compiled together into one library
+_HEADERS = ("kernels.h",)
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")  # threads: our own pool, no OpenMP
 _LIB_NAME = "llamarun_kernels.so"
 _lock = threading.Lock()

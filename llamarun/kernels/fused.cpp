@@ -27,7 +27,7 @@
 #include <immintrin.h>
 #endif
 
-#include "pool.h"
+#include "kernels.h"
 
 namespace {
 
@@ -118,6 +118,10 @@ void check_f32(const at::Tensor& t, const char* name) {
 
 // Rows per parallel chunk: enough work (~16K elements) that handing it to a helper pays off.
 int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
+
+}  // namespace
+
+namespace llamarun_kernels {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_f32(x, "x");
@@ -256,7 +260,7 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   return out;
 }
 
-}  // namespace
+}  // namespace llamarun_kernels
 
 #ifndef LLAMARUN_OPS_NS
 #define LLAMARUN_OPS_NS llamarun
@@ -271,8 +275,8 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
 }
 
 TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("f32_linear", &f32_linear);
-  m.impl("attn_decode", &attn_decode);
+  m.impl("rms_norm", &llamarun_kernels::rms_norm);
+  m.impl("silu_mul", &llamarun_kernels::silu_mul);
+  m.impl("f32_linear", &llamarun_kernels::f32_linear);
+  m.impl("attn_decode", &llamarun_kernels::attn_decode);
 }

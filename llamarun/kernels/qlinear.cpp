@@ -26,7 +26,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "pool.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -531,6 +531,11 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
   return y;
 }
 
+}  // namespace
+
+// The two linear ops (declared in kernels.h: layers.cpp calls them directly).
+namespace llamarun_kernels {
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8 qweight must be int8 [out, in]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
@@ -554,6 +559,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                        float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
 }
+
+}  // namespace llamarun_kernels
+
+namespace {
+using llamarun_kernels::q4_linear;
+using llamarun_kernels::q8_linear;
 
 // ---- dequantization (the large-batch path feeds the result to a float GEMM) -------------------------
 // Rows [row0, row0 + rows) of W as float32 [rows, K].

@@ -1,0 +1,26 @@
+// What the library's source files share: the thread pool (defined in qlinear.cpp) and the ops that
+// layers.cpp chains into a whole decode step (defined in qlinear.cpp and fused.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+
+namespace llamarun_kernels {
+
+// Run body(begin, end) over [0, n) in chunks of at least `grain` items, on the calling thread and the
+// pool's helpers (at most llamarun.set_num_threads / torch.set_num_threads threads in all).
+void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);
+
+// The ops, callable from C++ without the dispatcher (their contracts: the comments where they are defined).
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                     int64_t group_size);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight);
+at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads);
+
+}  // namespace llamarun_kernels

@@ -1,0 +1,77 @@
+// The whole decoder stack for one decode step, in one op: what llamarun/model.py's TransformerBlock does
+// for one new token per row, layer after layer, with the library's kernels.
+//
+// At batch 1 a layer's arithmetic is ~0.25 ms for SmolLM2 and ~0.1 ms for stories15M, while calling its
+// ten ops from Python (module calls, argument parsing, dispatch) costs ~0.1 ms more: a third of the
+// decode step. Here the layer loop runs in C++ and each op is a plain function call.
+//
+//   decode_layers(x [B, 1, D], weights, kinds, rope [1, hd/2, 2], k_caches, v_caches, pos, H, K, eps)
+//       -> [B, 1, D]
+//   Per layer l (L = len(k_caches) layers), weights[14 l ...] holds
+//       attention_norm.weight, ffn_norm.weight, then 3 tensors for each of wqkv, wo, w13, w2:
+//       float32 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
+//   ("-": any tensor, unused), and kinds[8 l ...] holds (bits, group_size) for the same four linears,
+//   bits 32, 8 or 4. The caches are written at `pos` (see attn_decode in fused.cpp).
+//
+// Every op keeps its own checks; llamarun/fastpath.py decides when this path applies.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/linear.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+namespace {
+
+using namespace llamarun_kernels;
+
+constexpr int64_t kWeightsPerLayer = 14, kKindsPerLayer = 8;
+
+// linear j (0 wqkv, 1 wo, 2 w13, 3 w2) of the layer whose weights start at w and kinds at k.
+at::Tensor linear(const at::Tensor& x, const at::Tensor* w, const int64_t* k, int j) {
+  const at::Tensor* t = w + 2 + 3 * j;
+  const int64_t bits = k[2 * j], group = k[2 * j + 1];
+  switch (bits) {
+    case 4: return q4_linear(x, t[0], t[1], t[2], group);
+    case 8: return q8_linear(x, t[0], t[1], group);
+    case 32:  // a few rows: the pool's pass over the weight; more: MKL's GEMM (as fastpath.FastLinear)
+      return x.numel() <= 4 * x.size(-1) ? f32_linear(x, t[0]) : at::linear(x, t[0]);
+    default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", bits);
+  }
+}
+
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArrayRef kinds, const at::Tensor& rope,
+                         at::TensorList k_caches, at::TensorList v_caches, int64_t pos, int64_t n_heads,
+                         int64_t n_kv_heads, double eps) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == L &&
+                  static_cast<int64_t>(weights.size()) == kWeightsPerLayer * L &&
+                  static_cast<int64_t>(kinds.size()) == kKindsPerLayer * L,
+              "decode_layers: expected ", kWeightsPerLayer, " weights, ", kKindsPerLayer,
+              " kinds and two caches per layer");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers: x must be [B, 1, dim]");
+  at::Tensor h = x.contiguous().clone();  // the residual stream, updated in place
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = weights.data() + kWeightsPerLayer * l;
+    const int64_t* k = kinds.data() + kKindsPerLayer * l;
+    // h = h + wo(attention(wqkv(norm(h))));  h = h + w2(silu(w1 .) * w3 .)(norm(h))
+    const at::Tensor attn = attn_decode(linear(rms_norm(h, w[0], eps), w, k, 0), k_caches[l], v_caches[l], rope,
+                                        pos, n_heads, n_kv_heads);
+    h.add_(linear(attn, w, k, 1));
+    h.add_(linear(silu_mul(linear(rms_norm(h, w[1], eps), w, k, 2)), w, k, 3));
+  }
+  return h;
+}
+
+}  // namespace
+
+#ifndef LLAMARUN_OPS_NS
+#define LLAMARUN_OPS_NS llamarun
+#endif
+
+TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor rope, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, int pos, int n_heads, int n_kv_heads, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) { m.impl("decode_layers", &decode_layers); }
