@@ -49,7 +49,7 @@ QK = 32  # the kernels' activation block; int4 groups are made of 32-element blo
 # Activation rows at or above which a CPU layer dequantizes its weight and calls MKL's float GEMM instead
 # of the integer kernel (measured on AVX2; see benchmarks/kernels.py).
 DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
-_DENSE_TILE_BYTES = 32 << 20  # dequantize at most this much float32 weight at a time on the dense path
+_DENSE_TILE_BYTES = 4 << 20  # dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more peak memory)
 # The output layer (and a tied embedding, which shares its table) is the layer most hurt by 4-bit rounding:
 # on SmolLM2-135M an int4 output costs ~20% top-1 agreement (97.7% -> 80.9%), int8 nothing measurable.
 # Like llama.cpp's Q4 files, keep it int8 unless asked otherwise (output_mode="int4").
@@ -576,7 +576,13 @@ class QuantizedEmbedding(nn.Module):
         return self.source.dequantize(dtype or self.weight.dtype)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.source.qtensor.rows(tokens, self.weight.dtype)
+        src = self.source
+        if tokens.numel() == 1 and tokens.is_cpu and self.weight.dtype == torch.float32 and src._kernel_ok():
+            # A decode step's one token: one kernel call instead of ~10 small torch ops (~100 us).
+            tok = int(tokens.reshape(()))
+            if 0 <= tok < self.num_embeddings:
+                return src._dequant_rows(tok, 1).view(*tokens.shape, self.embedding_dim)
+        return src.qtensor.rows(tokens, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.source.mode}, tied={self.tied}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .errors import UsageError
 
 
@@ -89,6 +90,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from logits [B, V] -> [B] (int64)."""
     if params.greedy:
+        if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
+            return torch.ops.llamarun.argmax(logits.contiguous())  # torch's CPU argmax is scalar: ~20x slower
         return logits.argmax(dim=-1)
     probs = filtered_probs(logits, params)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

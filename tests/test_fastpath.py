@@ -169,3 +169,22 @@ def test_accelerate_is_a_no_op_without_kernels(monkeypatch):
     model = _tiny_model()
     assert fastpath.accelerate(model) == 0
     assert type(model.layers[0].attention) is Attention
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 49152])
+def test_argmax_matches_torch(vocab):
+    """Greedy decoding's argmax: first index of the maximum, and NaN counts as the maximum, as in torch."""
+    torch.manual_seed(vocab)
+    x = torch.randn(4, vocab)
+    x[1, vocab // 2] = float("nan")
+    x[2, :] = 1.0  # ties: the first one
+    x[3, vocab - 1] = float("inf")
+    torch.testing.assert_close(torch.ops.llamarun.argmax(x), x.argmax(-1), rtol=0, atol=0)
+
+
+def test_greedy_sample_uses_the_argmax_kernel():
+    from llamarun.sampling import SamplingParams, sample
+
+    x = torch.randn(3, 1000)
+    assert torch.equal(sample(x, SamplingParams(temperature=0.0)), x.argmax(-1))
+    assert torch.equal(sample(x[:, ::2], SamplingParams(temperature=0.0)), x[:, ::2].argmax(-1))  # strided

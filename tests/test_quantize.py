@@ -256,6 +256,19 @@ def test_quantize_model_tiny(mode, tie):
         assert model(tokens).dtype == torch.float32  # the model returns float32 logits
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_embedding_one_token_lookup(mode):
+    """A single token (a decode step) is looked up through the dequantization kernel; the rows equal the
+    general path's, and an out-of-range id still fails as it does there."""
+    model = Q.quantize_model(_tiny(True), mode)
+    emb = model.tok_embeddings
+    want = emb.source.qtensor.rows(torch.tensor([[5, 0, 95]]))
+    for i, tok in enumerate((5, 0, 95)):
+        torch.testing.assert_close(emb(torch.tensor([[tok]])), want[:, i : i + 1], rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        emb(torch.tensor([[96]]))
+
+
 def test_group_sizes_and_errors():
     w = torch.randn(16, 256)
     for g in (32, 64, 128, 256):
