@@ -3,10 +3,14 @@
 At batch 1 a decode step of a small model is mostly dispatch overhead: RMSNorm, rotary embeddings, the
 cache update, attention and SwiGLU are each chains of 5-20 tiny torch ops (about 60 per layer), against
 one fused op each in :mod:`llamarun.kernels` (fused.cpp); and an unquantized model's matrix-vector
-products stream their weights faster through the pool's threads than through MKL's gemv. :func:`accelerate` switches a model's modules
-to the subclasses below, in place (same parameters, same buffers). ``model.py`` stays the definition:
-every subclass falls back to it for anything but float32 on the CPU (and, for attention, anything but
-one new token per row with a cache), and tests compare the two paths.
+products stream their weights faster through the pool's threads than through MKL's gemv. Even then,
+calling a layer's ten ops from Python costs about as much as a small layer's arithmetic, so a decode step
+runs the whole layer stack in one op (``decode_layers``, layers.cpp; :class:`FastTransformer`).
+
+:func:`accelerate` switches a model's modules to the subclasses below, in place (same parameters, same
+buffers). ``model.py`` stays the definition: every subclass falls back to it for anything but float32 on
+the CPU (and, for attention and the layer stack, anything but one new token per row with a cache), and
+tests compare the two paths.
 """
 
 from __future__ import annotations

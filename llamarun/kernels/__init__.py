@@ -28,8 +28,12 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
   :func:`set_num_threads`. ``set_spin_us(us)``: how long idle helper threads wait for the next call before
   sleeping (default 100, or ``$LLAMARUN_SPIN_US``; 0 on a machine whose cores are all busy).
 - Fused float32 glue for decoding (``fused.cpp``, used by :mod:`llamarun.fastpath`): ``rms_norm(x, weight,
-  eps)``, ``silu_mul(x [..., 2F]) -> [..., F]`` and ``attn_decode(qkv, k_cache, v_cache, rope, pos, n_heads,
-  n_kv_heads)`` (rotary embedding, cache write and attention for one new token per row).
+  eps)``, ``silu_mul(x [..., 2F]) -> [..., F]``, ``f32_linear(x, weight)``, ``attn_decode(qkv, k_cache,
+  v_cache, rope, pos, n_heads, n_kv_heads)`` (rotary embedding, cache write and attention for one new token
+  per row) and ``argmax(x [B, V]) -> [B]`` (greedy decoding).
+- ``decode_layers(x, weights, kinds, rope, k_caches, v_caches, pos, n_heads, n_kv_heads, eps)``
+  (``layers.cpp``): a whole decode step's layer stack in one call, chaining the ops above with no Python
+  between them (see :class:`llamarun.fastpath.FastTransformer`).
 
 Threads: a small pool of helper threads with dynamic chunking (not OpenMP): the caller never waits for a
 helper that has not started, so a loaded machine costs single-thread speed rather than OpenMP barrier
