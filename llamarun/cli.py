@@ -191,6 +191,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "generated_tokens": stats.generated_tokens, "decode_s": round(stats.decode_s, 4),
         "decode_tok_s": round(stats.decode_tok_s, 1),
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
+        "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],
@@ -199,7 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.write(json.dumps({"model": str(llm.checkpoint.path), "results": results, "stats": summary}) + "\n")
     print(f"load {llm.load_s:.2f} s | prefill {stats.prompt_tokens} tok at {stats.prefill_tok_s:.1f} tok/s | "
           f"decode {stats.generated_tokens} tok at {stats.decode_tok_s:.1f} tok/s | {summary['device']} "
-          f"{summary['dtype']}", file=sys.stderr)
+          f"{summary['weights']} weights, {summary['dtype']} activations", file=sys.stderr)
     return 0
 
 
