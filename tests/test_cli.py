@@ -62,6 +62,7 @@ def test_generate_paris():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(" Paris"), proc.stdout
     assert "decode" in proc.stderr and "tok/s" in proc.stderr and "load" in proc.stderr
+    assert "cpu int4 weights, float32 activations" in proc.stderr  # the embedded Q4_1 model, kept 4-bit
 
 
 def test_generate_json_batch_and_logprobs():
@@ -74,6 +75,7 @@ def test_generate_json_batch_and_logprobs():
     assert len(first["tokens"]) == len(first["logprobs"]) <= 6
     assert all(lp <= 0 for lp in first["logprobs"])
     assert out["stats"]["generated_tokens"] >= 1 and out["stats"]["decode_tok_s"] >= 0
+    assert out["stats"]["weights"] == "int4" and out["stats"]["dtype"] == "float32"
 
 
 def test_tiny_model_stdin_echo_seed(tmp_path):
