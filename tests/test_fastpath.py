@@ -44,9 +44,11 @@ def test_f32_linear_matches_torch(shape, n):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
-                                                                 (4, 4, 16, 3, 5), (8, 2, 128, 2, 300)])
+                                                                 (4, 4, 16, 3, 5), (8, 2, 128, 2, 300),
+                                                                 (6, 6, 48, 1, 511), (4, 1, 64, 2, 128)])
 def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos):
-    """One new token per row: rotary, cache write and GQA attention equal model.py's Attention."""
+    """One new token per row: rotary, cache write and GQA attention equal model.py's Attention (positions
+    0..pos in chunks of 128 per task: one, several, and one past a chunk boundary)."""
     torch.manual_seed(0)
     args = ModelArgs(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, vocab_size=10,
                      hidden_dim=32, max_seq_len=512)

@@ -200,6 +200,36 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// o[0..D) = sum over t < len of p[t] * v[t*D .. t*D+D): the values weighted by the softmax numerators,
+// accumulated in registers 64 floats at a time (an axpy per position would load and store o each time).
+constexpr int64_t kChunk = 128;  // positions per attention task (also p's size)
+
+inline void weighted_sum(const float* p, const float* v, int64_t len, int64_t D, float* o) {
+  int64_t d0 = 0;
+#ifdef FUSED_AVX2
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+      const __m256 w = _mm256_set1_ps(p[t]);
+      const float* vt = v + t * D + d0;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
+  }
+  for (; d0 + 8 <= D; d0 += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * D + d0), acc);
+    _mm256_storeu_ps(o + d0, acc);
+  }
+#endif
+  for (; d0 < D; ++d0) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < len; ++t) acc += p[t] * v[t * D + d0];
+    o[d0] = acc;
+  }
+}
+
 // Rotate adjacent pairs (x[2i], x[2i+1]) by the angle whose cos, sin are cs[2i], cs[2i+1] (Meta's layout).
 inline void rotate(const float* x, const float* cs, float* y, int64_t D) {
   for (int64_t i = 0; i < D; i += 2) {
@@ -237,27 +267,52 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
       std::copy(kx + K * D, kx + K * D + D, VC + at);
     }
 
+  // Attention, split like flash-decoding: a task is one (row, key/value head, chunk of kChunk positions),
+  // for all the query heads sharing that key/value head (GQA), so each cached key and value is read from
+  // memory once per step rather than once per query head; the chunks keep long contexts spread over the
+  // threads. A task leaves, per query head, its softmax max m, sum l and unnormalised output o [D]; the
+  // merge below rescales them by exp(m - max over chunks).
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  parallel_rows(B * H, grain_for(2 * n * D), [&](int64_t i0, int64_t i1) {
-    std::vector<float> q(D), p(n);
+  const int64_t G = H / K, C = (n + kChunk - 1) / kChunk, part = D + 2;  // part: o [D], m, l
+  std::vector<float> parts(B * H * C * part);
+  parallel_rows(B * K * C, std::max<int64_t>(1, grain_for(2 * G * kChunk * D)), [&](int64_t i0, int64_t i1) {
+    std::vector<float> q(D), p(kChunk);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / (H / K);
-      const float* kc = KC + (b * K + g) * T * D;
-      const float* vc = VC + (b * K + g) * T * D;
-      rotate(QKV + b * row + h * D, CS, q.data(), D);
-      float max = -INFINITY;
-      for (int64_t t = 0; t < n; ++t) {
-        p[t] = dot(q.data(), kc + t * D, D) * scale;
-        max = std::max(max, p[t]);
+      const int64_t c = i % C, g = (i / C) % K, b = i / (C * K);
+      const int64_t t0 = c * kChunk, len = std::min(n, t0 + kChunk) - t0;
+      const float* kc = KC + ((b * K + g) * T + t0) * D;
+      const float* vc = VC + ((b * K + g) * T + t0) * D;
+      for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        rotate(QKV + b * row + h * D, CS, q.data(), D);
+        for (int64_t j = 0; j < D; ++j) q[j] *= scale;
+        float max = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+          p[t] = dot(q.data(), kc + t * D, D);
+          max = std::max(max, p[t]);
+        }
+        float* r = parts.data() + ((b * H + h) * C + c) * part;
+        r[D] = max;
+        r[D + 1] = exp_shifted(p.data(), len, max);
+        weighted_sum(p.data(), vc, len, D, r);
       }
-      const float inv = 1.0f / exp_shifted(p.data(), n, max);
-      float* o = O + b * H * D + h * D;
-      std::fill(o, o + D, 0.0f);
-      for (int64_t t = 0; t < n; ++t) axpy(p[t] * inv, vc + t * D, o, D);
     }
   });
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const float* r = parts.data() + bh * C * part;
+    float max = -INFINITY, sum = 0.0f;
+    for (int64_t c = 0; c < C; ++c) max = std::max(max, r[c * part + D]);
+    float* o = O + bh * D;
+    std::fill(o, o + D, 0.0f);
+    for (int64_t c = 0; c < C; ++c) {
+      const float w = std::exp(r[c * part + D] - max);
+      sum += w * r[c * part + D + 1];
+      axpy(w, r + c * part, o, D);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < D; ++j) o[j] *= inv;
+  }
   return out;
 }
 
