@@ -511,7 +511,8 @@ class QuantizedLinear(nn.Module):
             y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
             for r0 in range(0, n, tile):
                 rows = min(tile, n - r0)
-                y[:, r0 : r0 + rows] = torch.mm(x2, self._dequant_rows(r0, rows).t())
+                # Straight into the column slice (row stride n): BLAS writes it in place, no temporary + copy.
+                torch.mm(x2, self._dequant_rows(r0, rows).t(), out=y[:, r0 : r0 + rows])
         return y.view(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
