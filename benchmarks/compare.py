@@ -4,6 +4,7 @@
     python benchmarks/compare.py --quick                  # smoke run: prefill 128, batch 1 8, 16 decode tokens
     python benchmarks/compare.py --markdown --json out.json
     python benchmarks/compare.py -m model.gguf --engines llamarun,hf --modes auto int8 --hf-dtypes fp32
+    python benchmarks/compare.py --engines llamarun llama.cpp --modes auto --context 1000 4000   # long contexts
 
 Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = float32; ``bf16`` = unquantized
 bfloat16 weights and activations; ``int8``/``int4`` force a quantization), HF transformers
@@ -12,7 +13,8 @@ default fp32 and bf16, but fp32 only on CPUs without native bf16, where emulated
 than fp32 and would take ~40% of the run; ``--hf-dtypes fp32 bf16`` forces it, flagged in the notes),
 and llama.cpp through llama-cpp-python when it is importable (batch 1 only: its Python API runs one
 sequence). Rows: load-to-ready seconds, prefill tok/s per prompt length, decode tok/s per batch size
-(aggregate over the batch), peak RSS. A second table gives llamarun / reference for every pair
+(aggregate over the batch), with ``--context N ...`` batch-1 decode tok/s after an N-token prompt (where
+attention over the cache, not the weights, sets the pace), peak RSS. A second table gives llamarun / reference for every pair
 (tok/s: > 1 means llamarun is faster; seconds and MiB: < 1 means llamarun is better).
 
 How it is kept fair:
@@ -66,8 +68,8 @@ LLAMARUN_MODES = ("auto", "none", "int8", "int4", "bf16")  # bf16: --quantize no
 HF_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
              "fp16": "float16", "float16": "float16"}
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-QUICK = {"prefill": [128], "batch": [1, 8], "decode_tokens": 16}
-DEFAULTS = {"prefill": [128, 512], "batch": [1, 8, 16], "decode_tokens": 32}
+QUICK = {"prefill": [128], "batch": [1, 8], "decode_tokens": 16, "context": []}
+DEFAULTS = {"prefill": [128, 512], "batch": [1, 8, 16], "decode_tokens": 32, "context": []}
 BUSY_WAIT = 0.10  # a column whose threads waited this share of the time for a CPU is flagged
 
 
@@ -229,7 +231,8 @@ class LlamaCppEngine:
 
         self.import_done = time.perf_counter()
         self.np = np
-        ctx = max(max(spec["prefill"]) + 2, DECODE_PROMPT_LEN + spec["decode_tokens"] + 2, 64)
+        ctx = max(max(spec["prefill"]) + 2, max([DECODE_PROMPT_LEN, *spec.get("context", [])]) + spec["decode_tokens"] + 2,
+                  64)
         t = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=ctx, n_batch=max(512, ctx), n_threads=spec["threads"],
                                    n_threads_batch=spec["threads"], logits_all=False, verbose=False)
@@ -268,7 +271,7 @@ def worker_main(spec_path: str) -> int:
     t_start = time.perf_counter()
     with open(spec_path) as f:
         spec = json.load(f)
-    rec = Recorder(spec["out"], {"engine": spec["engine"], "mode": spec["mode"], "prefill": {}, "decode": {},
+    rec = Recorder(spec["out"], {"engine": spec["engine"], "mode": spec["mode"], "prefill": {}, "decode": {}, "context": {},
                                  "notes": [], "loadavg_before": _loadavg()})
     data = rec.data
     try:
@@ -312,6 +315,14 @@ def worker_main(spec_path: str) -> int:
                 data["notes"].append(f"decode batch {b}: not supported (batch <= {eng.max_batch})")
                 continue
             data["decode"][str(b)] = round(b * steps / min(eng.decode(p, steps) for _ in range(repeat)), 2)
+            contention()
+            rec.save()
+        for n in spec.get("context", []):  # batch-1 decode after a long prompt: attention over n cached tokens
+            if n + steps + 1 > eng.ctx:
+                data["notes"].append(f"decode at {n} tokens of context: exceeds the context ({eng.ctx})")
+                continue
+            p = prompts(1, n, "context")
+            data["context"][str(n)] = round(steps / min(eng.decode(p, steps) for _ in range(repeat)), 2)
             contention()
             rec.save()
         data["prompt_digest"] = digest.hexdigest()[:16]
@@ -445,7 +456,7 @@ def run_column(col: dict, args: argparse.Namespace, log=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="llamarun-compare-") as tmp:
         spec = {"engine": col["engine"], "mode": col["mode"], "model": args.model, "threads": args.threads,
                 "prefill": args.prefill, "batch": args.batch, "decode_tokens": args.decode_tokens,
-                "repeat": args.repeat, "out": os.path.join(tmp, "result.json")}
+                "context": args.context, "repeat": args.repeat, "out": os.path.join(tmp, "result.json")}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
@@ -465,13 +476,14 @@ def run_column(col: dict, args: argparse.Namespace, log=None) -> dict:
 
 # ---- the table ----------------------------------------------------------------------------------------
 
-def table_rows(prefill: list[int], batch: list[int]) -> list[tuple[str, str, str | None]]:
+def table_rows(prefill: list[int], batch: list[int], context: list[int] = ()) -> list[tuple[str, str, str | None]]:
     """(key, label, better) for each row; better is 'high', 'low' or None (text, no ratio)."""
     rows: list[tuple[str, str, str | None]] = [("weights", "weights", None),
                                                ("load_to_ready_s", "load-to-ready (s)", "low")]
     rows += [(f"prefill_{n}", f"prefill {n} tok (tok/s)", "high") for n in prefill]
     rows += [(f"decode_{b}", "decode batch 1 (tok/s)" if b == 1 else f"decode batch {b}, aggregate (tok/s)", "high")
              for b in batch]
+    rows += [(f"context_{n}", f"decode batch 1 at {n} tokens of context (tok/s)", "high") for n in context]
     rows.append(("peak_rss_mib", "peak RSS (MiB)", "low"))
     rows.append(("cpu_wait", "waiting for a CPU (other load)", None))
     return rows
@@ -482,6 +494,8 @@ def cell_value(res: dict, key: str):
         return res.get("prefill", {}).get(key[8:])
     if key.startswith("decode_"):
         return res.get("decode", {}).get(key[7:])
+    if key.startswith("context_"):
+        return res.get("context", {}).get(key[8:])
     if key == "cpu_wait":
         waits = res.get("cpu_wait_rounds", [res.get("cpu_wait")])
         return None if all(w is None for w in waits) else _pct(waits)
@@ -517,9 +531,10 @@ def merge_rounds(old: dict, new: dict) -> dict:
         out = old
     else:
         out = dict(old)
-        for k in ("prefill", "decode"):
-            out[k] = {n: max(v, new[k].get(n, v)) for n, v in old[k].items()}
-            out[k].update({n: v for n, v in new[k].items() if n not in old[k]})
+        for k in ("prefill", "decode", "context"):
+            o, n_ = old.get(k, {}), new.get(k, {})
+            out[k] = {n: max(v, n_.get(n, v)) for n, v in o.items()}
+            out[k].update({n: v for n, v in n_.items() if n not in o})
         for k in ("load_to_ready_s", "import_s", "load_s"):
             if k in new:
                 out[k] = min(old.get(k, new[k]), new[k])
@@ -614,6 +629,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, nargs="+", help="prompt lengths to time (default 128 512)")
     p.add_argument("--batch", type=int, nargs="+", help="decode batch sizes (default 1 8 16)")
     p.add_argument("--decode-tokens", type=int, help="decode steps per measurement (default 32)")
+    p.add_argument("--context", type=int, nargs="+",
+                   help="also time batch-1 decode after prompts of these lengths (long-context decode; default none)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: prefill 128, batch 1 8, 16 decode tokens (explicit flags still win)")
     p.add_argument("--repeat", type=int, default=1, help="keep the best of this many measurements per cell (default 1)")
@@ -628,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.worker:
         return args
     base = QUICK if args.quick else DEFAULTS
-    for k in ("prefill", "batch", "decode_tokens"):
+    for k in ("prefill", "batch", "decode_tokens", "context"):
         if getattr(args, k) is None:
             setattr(args, k, base[k])
     args.engines = [{"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "transformers": "hf"}.get(e, e)
@@ -648,7 +665,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.hf_dtypes = list(dict.fromkeys(HF_DTYPES[d] for d in args.hf_dtypes))
     args.modes = list(dict.fromkeys(args.modes))
     args.prefill, args.batch = list(dict.fromkeys(args.prefill)), list(dict.fromkeys(args.batch))
-    for n in args.prefill + args.batch + [args.decode_tokens, args.repeat, args.rounds]:
+    args.context = list(dict.fromkeys(args.context))
+    for n in args.prefill + args.batch + args.context + [args.decode_tokens, args.repeat, args.rounds]:
         if n < 1:
             p.error(f"sizes must be >= 1, got {n}")
     if args.threads is not None and args.threads < 1:
@@ -663,7 +681,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
     args.threads = args.threads or physical_cores()
     cols, notes = columns(args)
     meta = {"model": args.model, "threads": args.threads, "cpu": _cpu_name(), "python": platform.python_version(),
-            "prefill": args.prefill, "batch": args.batch, "decode_tokens": args.decode_tokens, "repeat": args.repeat,
+            "prefill": args.prefill, "batch": args.batch, "decode_tokens": args.decode_tokens, "context": args.context,
+            "repeat": args.repeat,
             "rounds": args.rounds,
             "decode_prompt_len": DECODE_PROMPT_LEN, "seed": SEED, "loadavg_before": _loadavg(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -697,7 +716,7 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
         "n/a" if not digests else "NO (" + ", ".join(sorted(map(str, digests))) + ")"
     meta["loadavg_after"] = _loadavg()
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
-    rows = table_rows(args.prefill, args.batch)
+    rows = table_rows(args.prefill, args.batch, args.context)
     return {"meta": meta, "rows": [list(r) for r in rows], "results": results,
             "ratios": compute_ratios(results, rows), "notes": notes}
 

@@ -37,11 +37,12 @@ def test_quick_run_llamarun_only(tiny_gguf, tmp_path):
     # 64 tokens, so prefill 128 cannot run and must be noted, not fail.
     proc = run_compare("-m", str(tiny_gguf), "--quick", "--engines", "llamarun", "--modes", "auto,none",
                        "--threads", "1", "--prefill", "24", "128", "--decode-tokens", "4", "--json", str(out),
-                       "--markdown")
+                       "--markdown", "--context", "20", "60")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     report = json.loads(out.read_text())
     meta = report["meta"]
     assert meta["batch"] == [1, 8] and meta["prefill"] == [24, 128] and meta["decode_tokens"] == 4
+    assert meta["context"] == [20, 60]
     assert meta["threads"] == 1 and meta["same_prompts"] == "yes"
     assert list(report["results"]) == ["llamarun auto", "llamarun none"]
     for name, r in report["results"].items():
@@ -51,17 +52,22 @@ def test_quick_run_llamarun_only(tiny_gguf, tmp_path):
         assert set(r["prefill"]) == {"24"} and r["prefill"]["24"] > 0
         assert any("prefill 128" in n and "context" in n for n in r["notes"]), r["notes"]
         assert set(r["decode"]) == {"1", "8"} and all(v > 0 for v in r["decode"].values())
+        # 20 + 4 decode steps fit the 64-token context; 60 + 4 do not: noted, not failed
+        assert set(r["context"]) == {"20"} and r["context"]["20"] > 0
+        assert any("decode at 60 tokens of context" in n for n in r["notes"]), r["notes"]
         assert r["peak_rss_mib"] > 0 and r["weights"] == "fp32" and r["kernels"] == "n/a"
         assert set(r["engine_reported"]["decode"]) == {"1", "8"}
         assert r["cpu_wait"] is None or r["cpu_wait"] >= 0  # a share of time, whatever the machine's load
     assert report["ratios"] == {}  # no reference column ran
     assert [k for k, _, _ in report["rows"]] == ["weights", "load_to_ready_s", "prefill_24", "prefill_128",
-                                                 "decode_1", "decode_8", "peak_rss_mib", "cpu_wait"]
+                                                 "decode_1", "decode_8", "context_20", "context_60", "peak_rss_mib",
+                                                 "cpu_wait"]
     lines = proc.stdout.splitlines()
     assert lines[0].replace(" ", "") == "||llamarunauto|llamarunnone|"
     table = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines if ln.startswith("| ")}
     assert table["prefill 128 tok (tok/s)"] == ["—", "—"]
     assert float(table["decode batch 8, aggregate (tok/s)"][1]) > 0
+    assert float(table["decode batch 1 at 20 tokens of context (tok/s)"][0]) > 0
     assert "llama.cpp" not in proc.stdout  # not requested, so not even a skip note
     assert "[1/2] llamarun auto" in proc.stderr and "[2/2] llamarun none: ok" in proc.stderr
 
@@ -143,11 +149,12 @@ def test_missing_model_fails_in_its_column(tmp_path):
 
 def test_rounds_keep_the_best_of_each_cell():
     a = dict(engine="hf", load_to_ready_s=3.0, prefill={"128": 10.0}, decode={"1": 5.0, "8": 30.0},
-             peak_rss_mib=100.0, cpu_wait=0.5, wall_s=10.0)
+             context={"1000": 3.0}, peak_rss_mib=100.0, cpu_wait=0.5, wall_s=10.0)
     b = dict(engine="hf", load_to_ready_s=2.0, prefill={"128": 8.0}, decode={"1": 6.0, "8": 20.0},
-             peak_rss_mib=110.0, cpu_wait=0.01, wall_s=9.0)
+             context={"1000": 4.0}, peak_rss_mib=110.0, cpu_wait=0.01, wall_s=9.0)
     m = compare.merge_rounds(a, b)
     assert m["load_to_ready_s"] == 2.0 and m["prefill"] == {"128": 10.0} and m["decode"] == {"1": 6.0, "8": 30.0}
+    assert m["context"] == {"1000": 4.0}
     assert m["peak_rss_mib"] == 110.0 and m["cpu_wait_rounds"] == [0.5, 0.01] and m["wall_s"] == 19.0
     assert compare.cell_value(m, "cpu_wait") == "50%/1%"
     failed = compare.merge_rounds(m, {"engine": "hf", "error": "crashed (SIGSEGV)", "cpu_wait": None})
@@ -181,7 +188,7 @@ def test_rounds_alternate_the_order_and_flag_busy_columns(monkeypatch):
 
 def test_parse_args_defaults_quick_and_validation(capsys):
     a = compare.parse_args([])
-    assert (a.prefill, a.batch, a.decode_tokens) == ([128, 512], [1, 8, 16], 32)
+    assert (a.prefill, a.batch, a.decode_tokens, a.context) == ([128, 512], [1, 8, 16], 32, [])
     assert a.engines == ["llamarun", "hf", "llama.cpp"] and a.modes == ["auto", "none"]
     # bf16 only where the CPU computes it natively, unless asked for
     assert a.hf_dtypes == (["float32", "bfloat16"] if compare._cpu_has_native_bf16() else ["float32"])
