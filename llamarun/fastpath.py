@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from . import kernels
 from .model import Attention, FeedForward, RMSNorm, Transformer
@@ -68,7 +69,7 @@ class FastLinear(nn.Linear):
 def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, tuple[torch.Tensor, ...]] | None:
     """(bits, group size, 3 weight tensors) of a linear layer for ``decode_layers``, or None if the op
     cannot run it as its own forward would (another dtype or device, a bias, the dense large-batch path)."""
-    if isinstance(lin, Int4Linear) or isinstance(lin, Int8Linear):
+    if isinstance(lin, (Int4Linear, Int8Linear)):
         if not (lin.qweight.is_cpu and rows < lin.dense_min_rows and lin._kernel_ok()):
             return None
         if isinstance(lin, Int4Linear):
@@ -84,7 +85,9 @@ def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, tuple[torch.Tenso
 class FastTransformer(Transformer):
     """A decode step (one new token per row, an int position, a cache) runs the whole layer stack in one
     C++ op, ``decode_layers`` (kernels/layers.cpp): no Python between the layers' ops. Anything else, or a
-    model the op cannot run as is (offloaded or hooked layers, other dtypes), takes Transformer.forward.
+    model the op cannot run as is (other dtypes or devices, batches on the dense path), takes
+    Transformer.forward; so does any step while a forward hook or pre-hook is registered on a layer or
+    anything inside one (or globally), so hooks always fire.
 
     The op's argument lists are gathered once and kept until the KV cache is reallocated or the model is
     moved or cast (``_apply``); gathering costs ~40 us a layer, as much as a small layer's arithmetic.
@@ -96,12 +99,12 @@ class FastTransformer(Transformer):
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         if isinstance(start_pos, int) and tokens.shape[1] == 1 and tokens.is_cpu:
             stack = self._decode_stack(tokens.shape[0])
-            if stack is not None:
+            if stack is not None and not _hooked(stack[4]):
                 h = self.tok_embeddings(tokens)
                 if _cpu_f32(h):
                     a = self.args
                     h = torch.ops.llamarun.decode_layers(h, *stack[:2], self.rope[start_pos : start_pos + 1],
-                                                         *stack[2:], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
+                                                         *stack[2:4], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
                     return self.output(self.norm(h)).float()
         return super().forward(tokens, start_pos, last_only)
 
@@ -119,8 +122,9 @@ class FastTransformer(Transformer):
         self._stacks = None
         super().free_cache()
 
-    def _decode_stack(self, rows: int) -> tuple[list, list, list, list] | None:
-        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows, or None if the op can't run them."""
+    def _decode_stack(self, rows: int) -> tuple[list, list, list, list, list] | None:
+        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows and the layers' modules (for the
+        hook check), or None if the op can't run them."""
         stacks = self._stacks
         if stacks is None:
             stacks = self._stacks = {}
@@ -129,12 +133,19 @@ class FastTransformer(Transformer):
         return stacks[rows]
 
 
-def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list] | None:
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Is a forward (pre-)hook registered on any of ``modules``, or globally? (~0.1 us a module)"""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list, list] | None:
+    """Walk the layers once: the op's argument lists, or None at the first thing it can't run."""
     weights, kinds, kc, vc = [], [], [], []
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
         cache = attn.cache
-        if (cache is None or not _cpu_f32(cache.k) or layer._forward_hooks or layer._forward_pre_hooks
+        if (cache is None or not _cpu_f32(cache.k)
                 or type(attn) is not FastAttention or type(ff) is not FastFeedForward):
             return None
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
@@ -149,7 +160,7 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
             weights += spec[2]
         kc.append(cache.k)
         vc.append(cache.v)
-    return weights, kinds, kc, vc
+    return weights, kinds, kc, vc, [m for layer in model.layers for m in layer.modules()]
 
 
 _FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear,

@@ -139,13 +139,30 @@ def test_decode_stack_follows_the_cache_and_model():
         assert model._decode_stack(1)[2][0] is model.layers[0].attention.cache.k
         torch.testing.assert_close(_decode(model, prompt), want)
         assert model._decode_stack(model.layers[0].attention.wqkv.dense_min_rows) is None
-        handle = model.layers[1].register_forward_pre_hook(lambda module, args: None)
-        model.free_cache()
-        model.setup_cache(1, 32)
-        assert model._decode_stack(1) is None
-        handle.remove()
         model.to(torch.float32)  # _apply: gathered again
         assert model._stacks is None and model._decode_stack(1) is not None
+
+
+def test_hooks_fire_on_the_fast_path():
+    """A forward hook anywhere inside the layers (or a global one) sends decode steps through the module
+    calls, so it fires every step; without hooks the one-op stack runs again."""
+    model = _tiny_model(mode="int8")
+    fastpath.accelerate(model)
+    prompt = torch.randint(0, 50, (1, 5))
+    calls = []
+    with torch.inference_mode():
+        want = _decode(model, prompt, steps=4)
+        handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda m, args, out: calls.append(1))
+        torch.testing.assert_close(_decode(model, prompt, steps=4), want)
+        assert len(calls) == 5  # the prefill and 4 decode steps
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, args: calls.append(2))
+        _decode(model, prompt, steps=4)
+        handle.remove()
+        assert calls.count(2) > 5 * 2 * 8  # every module of every step
+        calls.clear()
+        torch.testing.assert_close(_decode(model, prompt, steps=4), want)
+        assert calls == []
 
 
 def test_decode_layers_rejects_bad_input():
