@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -276,7 +277,7 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t G = H / K, C = (n + kChunk - 1) / kChunk, part = D + 2;  // part: o [D], m, l
-  std::vector<float> parts(B * H * C * part);
+  std::unique_ptr<float[]> parts(new float[B * H * C * part]);  // every entry is written by one task: no zeroing
   parallel_rows(B * K * C, std::max<int64_t>(1, grain_for(2 * G * kChunk * D)), [&](int64_t i0, int64_t i1) {
     std::vector<float> q(D), p(kChunk);
     for (int64_t i = i0; i < i1; ++i) {
@@ -292,7 +293,7 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
           p[t] = dot(q.data(), kc + t * D, D);
           max = std::max(max, p[t]);
         }
-        float* r = parts.data() + ((b * H + h) * C + c) * part;
+        float* r = parts.get() + ((b * H + h) * C + c) * part;
         r[D] = max;
         r[D + 1] = exp_shifted(p.data(), len, max);
         weighted_sum(p.data(), vc, len, D, r);
@@ -300,7 +301,7 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
     }
   });
   for (int64_t bh = 0; bh < B * H; ++bh) {
-    const float* r = parts.data() + bh * C * part;
+    const float* r = parts.get() + bh * C * part;
     float max = -INFINITY, sum = 0.0f;
     for (int64_t c = 0; c < C; ++c) max = std::max(max, r[c * part + D]);
     float* o = O + bh * D;
