@@ -87,11 +87,40 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+CANDIDATES = 256  # sample among the top-256 tokens when they are sure to hold every token the filters keep
+
+
+def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`filtered_probs` restricted to the CANDIDATES most likely tokens: (probabilities [B, k], not
+    renormalised, and their token ids [B, k]), or None when the filters might keep a token outside them.
+    Sorting a 49K vocabulary for top-p costs ~4 ms and a multinomial draw over it ~1.5 ms, half of a small
+    model's decode step; top-k + logsumexp cost ~0.3 ms."""
+    scaled = logits.float() / params.temperature
+    k = min(CANDIDATES, params.top_k) if params.top_k else CANDIDATES
+    vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
+    p = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))  # the candidates' true probabilities
+    covered = torch.full(p.shape[:1], bool(params.top_k) and params.top_k <= k)  # top-k keeps only these
+    if params.min_p > 0:
+        floor = params.min_p * p[:, :1]
+        covered |= p[:, -1] < floor[:, 0]  # every other token is <= the last candidate: below the floor too
+        p = torch.where(p < floor, 0.0, p)
+    if params.top_p < 1.0:
+        covered |= p.sum(dim=-1) > params.top_p  # the mass before any other token already exceeds top_p
+        p = p.masked_fill((p.cumsum(dim=-1) - p) > params.top_p, 0.0)
+    return (p, idx) if bool(covered.all()) else None
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from logits [B, V] -> [B] (int64)."""
     if params.greedy:
         if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
             return torch.ops.llamarun.argmax(logits.contiguous())  # torch's CPU argmax is scalar: ~20x slower
         return logits.argmax(dim=-1)
+    if logits.dim() == 2 and logits.shape[-1] > CANDIDATES:
+        cand = candidate_probs(logits, params)
+        if cand is not None:  # the usual case: the nucleus is a few dozen tokens
+            p, idx = cand
+            pick = torch.multinomial(p / p.sum(dim=-1, keepdim=True), num_samples=1, generator=generator)
+            return idx.gather(-1, pick).squeeze(-1)
     probs = filtered_probs(logits, params)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -109,6 +109,32 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert torch.allclose(filtered.sum(-1), torch.ones(4))
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.5),
+                                    SamplingParams(temperature=0.7, top_p=1.0, top_k=40),
+                                    SamplingParams(temperature=1.3, top_p=0.95, min_p=0.05),
+                                    SamplingParams(temperature=0.8, top_p=0.9, top_k=1000)])
+def test_candidate_sampling_equals_the_full_vocabulary(params):
+    """Large vocabularies sample among the 256 most likely tokens when the filters keep nothing else: the
+    probabilities are filtered_probs' exactly, and where a candidate set can't be sure (flat logits,
+    top_p=1) it declines and the full path runs."""
+    from llamarun.sampling import CANDIDATES, candidate_probs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000) * 2
+    logits[:, :20] += 8  # peaked rows: the nucleus is a few dozen tokens
+    cand = candidate_probs(logits, params)
+    assert cand is not None
+    p, idx = cand
+    full = torch.zeros_like(logits).scatter_(-1, idx, p / p.sum(-1, keepdim=True))
+    torch.testing.assert_close(full, filtered_probs(logits, params), rtol=1e-5, atol=1e-7)
+    picks = sample(logits, params, torch.Generator().manual_seed(1))
+    assert all(filtered_probs(logits, params)[i, t] > 0 for i, t in enumerate(picks.tolist()))
+    flat = torch.randn(2, 5000) * 0.1  # the 0.9 nucleus holds thousands of tokens
+    if not params.top_k or params.top_k > CANDIDATES:
+        assert candidate_probs(flat, params) is None
+    assert sample(flat, params, torch.Generator().manual_seed(1)).shape == (2,)
+
+
 def test_top_k_and_min_p_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     assert (filtered_probs(logits, SamplingParams(temperature=1, top_p=1, top_k=2)) > 0).sum() == 2
