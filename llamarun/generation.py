@@ -37,7 +37,8 @@ from .tokenizer import Tokenizer
 def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
     """Run torch's CPU ops on one thread inside: sampling's ops over a 32-49K vocabulary are too small to
     share, and an OpenMP region would leave its workers spinning into the next decode step, taking a core
-    from the kernels' threads (measured: default top-p sampling 62-66 -> ~95 tok/s on 2 cores)."""
+    from the kernels' threads (measured: default top-p sampling 62-66 -> ~95 tok/s on 2 cores). The thread
+    count is process-wide: it is restored as soon as the block ends (no yield happens inside one)."""
     n = torch.get_num_threads()
     if not t.is_cpu or n == 1:
         yield
