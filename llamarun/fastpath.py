@@ -21,7 +21,9 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from . import kernels
 from .model import Attention, FeedForward, RMSNorm, Transformer
-from .quantize import Int4Linear, Int8Linear
+from .quantize import QuantizedLinear
+
+_BITS = {"int8": 8, "int4": 4}  # decode_layers' code for each quantized linear layer's kernel
 
 
 def _cpu_f32(x: torch.Tensor) -> bool:
@@ -55,13 +57,12 @@ class FastFeedForward(FeedForward):
 
 
 class FastLinear(nn.Linear):
-    """float32 weights at batch 1-4 (an unquantized model decoding): a pass over the weight at memory
-    bandwidth instead of MKL's gemv; larger inputs (prefill) stay with MKL's GEMM."""
+    """float32 weights on the CPU: ``f32_linear``, which makes a pass over the weight at memory bandwidth for
+    1-4 rows (an unquantized model decoding) instead of MKL's gemv, and leaves more rows to MKL's GEMM."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (_cpu_f32(x) and w.dtype == torch.float32 and self.bias is None and x.numel() <= 4 * self.in_features
-                and w.is_contiguous()):
+        if _cpu_f32(x) and w.dtype == torch.float32 and self.bias is None and w.is_contiguous():
             return torch.ops.llamarun.f32_linear(x if x.is_contiguous() else x.contiguous(), w)
         return super().forward(x)
 
@@ -69,12 +70,11 @@ class FastLinear(nn.Linear):
 def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, tuple[torch.Tensor, ...]] | None:
     """(bits, group size, 3 weight tensors) of a linear layer for ``decode_layers``, or None if the op
     cannot run it as its own forward would (another dtype or device, a bias, the dense large-batch path)."""
-    if isinstance(lin, (Int4Linear, Int8Linear)):
+    if isinstance(lin, QuantizedLinear) and lin.mode in _BITS:
         if not (lin.qweight.is_cpu and rows < lin.dense_min_rows and lin._kernel_ok()):
             return None
-        if isinstance(lin, Int4Linear):
-            return 4, lin.group_size, (lin.qweight, lin.scales, lin.mins)
-        return 8, lin.group_size, (lin.qweight, lin.scales, lin.qweight)
+        *tensors, group = lin._kernel_args()[1]  # what the layer passes its own kernel: tensors, group size
+        return _BITS[lin.mode], group, tuple(tensors) + (tensors[0],) * (3 - len(tensors))
     if type(lin) is FastLinear and lin.bias is None:
         w = lin.weight
         if _cpu_f32(w) and w.is_contiguous():

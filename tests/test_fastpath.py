@@ -34,7 +34,7 @@ def test_silu_mul_matches_reference(shape):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 2, 64), (1, 40)])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 2, 64), (3, 2, 64), (1, 40)])  # 4 rows: the pool; 6: MKL
 @pytest.mark.parametrize("n", [960, 7])
 def test_f32_linear_matches_torch(shape, n):
     torch.manual_seed(0)

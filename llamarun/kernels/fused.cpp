@@ -7,7 +7,7 @@
 //
 //   rms_norm(x [..., D], weight [D], eps) -> [..., D]          x * rsqrt(mean(x^2) + eps) * weight
 //   silu_mul(x [..., 2F]) -> [..., F]                          silu(x[..., :F]) * x[..., F:]
-//   f32_linear(x [..., K], weight [N, K]) -> [..., N]          x @ weight^T, for a few rows of x
+//   f32_linear(x [..., K], weight [N, K]) -> [..., N]          x @ weight^T (a few rows: the pool; more: MKL)
 //   argmax(x [B, V]) -> int64 [B]                              greedy decoding's pick, as torch.argmax
 //   attn_decode(qkv [B, 1, (H + 2K) D], k_cache, v_cache [Bc, K, T, D], rope [1, D/2, 2], pos, H, K)
 //       -> [B, 1, H D]: rotary embedding of q and k at position `pos`, k and v written into the caches at
@@ -17,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -180,14 +181,18 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
-// y [..., N] = x [..., K] @ w [N, K]^T for a few rows of x (decode): one pass over w, its rows split across
-// the pool's threads, each weight row applied to every x row while it is in L1. At batch 1 an fp32 model
-// is a stream of weights from memory; MKL's gemv reaches 12-14 GB/s on these shapes, this ~17.
+// y [..., N] = x [..., K] @ w [N, K]^T. Up to kF32PoolRows rows of x (decode): one pass over w, its rows
+// split across the pool's threads, each weight row applied to every x row while it is in L1. At batch 1 an
+// fp32 model is a stream of weights from memory; MKL's gemv reaches 12-14 GB/s on these shapes, this ~17.
+// More rows (prefill, big batches) go to MKL's GEMM, which reuses each weight tile across them.
+constexpr int64_t kF32PoolRows = 4;
+
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   check_f32(x, "x");
   check_f32(w, "weight");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x [..., K] and weight [N, K] do not match");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
+  if (M > kF32PoolRows) return at::linear(x, w);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());

@@ -16,7 +16,6 @@
 // Every op keeps its own checks; llamarun/fastpath.py decides when this path applies.
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include "kernels.h"
@@ -34,8 +33,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* w, const int64_t* k, in
   switch (bits) {
     case 4: return q4_linear(x, t[0], t[1], t[2], group);
     case 8: return q8_linear(x, t[0], t[1], group);
-    case 32:  // a few rows: the pool's pass over the weight; more: MKL's GEMM (as fastpath.FastLinear)
-      return x.numel() <= 4 * x.size(-1) ? f32_linear(x, t[0]) : at::linear(x, t[0]);
+    case 32: return f32_linear(x, t[0]);
     default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", bits);
   }
 }
