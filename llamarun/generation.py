@@ -13,7 +13,6 @@ are searched for a stop token.
 from __future__ import annotations
 
 import contextlib
-
 import os
 import time
 from dataclasses import dataclass, field

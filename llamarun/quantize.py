@@ -49,7 +49,9 @@ QK = 32  # the kernels' activation block; int4 groups are made of 32-element blo
 # Activation rows at or above which a CPU layer dequantizes its weight and calls MKL's float GEMM instead
 # of the integer kernel (measured on AVX2; see benchmarks/kernels.py).
 DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
-_DENSE_TILE_BYTES = 4 << 20  # dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more peak memory)
+# Dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more
+# peak memory).
+_DENSE_TILE_BYTES = 4 << 20
 # The output layer (and a tied embedding, which shares its table) is the layer most hurt by 4-bit rounding:
 # on SmolLM2-135M an int4 output costs ~20% top-1 agreement (97.7% -> 80.9%), int8 nothing measurable.
 # Like llama.cpp's Q4 files, keep it int8 unless asked otherwise (output_mode="int4").

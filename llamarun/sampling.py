@@ -69,6 +69,17 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, history_mask: t
     return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
 
 
+def _cut_min_p(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities below ``floor`` (min_p times the row's largest)."""
+    return torch.where(probs < floor, 0.0, probs)
+
+
+def _cut_top_p(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero, in probabilities sorted most likely first, each token whose preceding mass already exceeds
+    top_p (Meta's rule: cumsum - p > top_p)."""
+    return sorted_p.masked_fill((sorted_p.cumsum(dim=-1) - sorted_p) > top_p, 0.0)
+
+
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k, min-p and top-p; renormalised, zeros outside."""
     probs = torch.softmax(logits / params.temperature, dim=-1)
@@ -76,14 +87,10 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
         kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
         probs = torch.where(probs < kth, 0.0, probs)
     if params.min_p > 0:
-        floor = params.min_p * probs.max(dim=-1, keepdim=True).values
-        probs = torch.where(probs < floor, 0.0, probs)
+        probs = _cut_min_p(probs, params.min_p * probs.max(dim=-1, keepdim=True).values)
     if params.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the mass before it already reaches top_p (Meta: cumsum - p > top_p).
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) > params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, _cut_top_p(sorted_p, params.top_p))
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
@@ -103,10 +110,10 @@ def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch
     if params.min_p > 0:
         floor = params.min_p * p[:, :1]
         covered |= p[:, -1] < floor[:, 0]  # every other token is <= the last candidate: below the floor too
-        p = torch.where(p < floor, 0.0, p)
+        p = _cut_min_p(p, floor)
     if params.top_p < 1.0:
         covered |= p.sum(dim=-1) > params.top_p  # the mass before any other token already exceeds top_p
-        p = p.masked_fill((p.cumsum(dim=-1) - p) > params.top_p, 0.0)
+        p = _cut_top_p(p, params.top_p)
     return (p, idx) if bool(covered.all()) else None
 
 
