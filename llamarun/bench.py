@@ -24,7 +24,7 @@ def run_bench(llm, args) -> dict:
 
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
-        "mode": llm.plan.label if llm.plan else "none",
+        "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }
@@ -51,7 +51,8 @@ def run_bench(llm, args) -> dict:
 def format_report(r: dict) -> str:
     """A few human-readable lines."""
     lines = [f"model   {r['model']}",
-             f"device  {r['device']} {r['mode']}, activations {r['dtype']} ({r['threads']} threads, {r['cpu']})",
+             f"device  {r['device']} {r['mode']}, activations {r['dtype']}, KV cache {r['kv_dtype']} "
+             f"({r['threads']} threads, {r['cpu']})",
              f"load    {r['load_s']:.2f} s"]
     lines += [f"prefill {n:>5} tokens  {v:8.1f} tok/s" for n, v in r["prefill"].items()]
     lines += [f"decode  batch {b:>3}   {v:8.1f} tok/s" for b, v in r["decode"].items()]

@@ -28,6 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
                    help="weights and activations dtype (auto: bf16/fp16 on GPU, fastest correct on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's, at most 4096)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype)")
     if positional:
         return
     p.add_argument("--compile", action="store_true",
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     pl.add_argument("--memory", help="memory budget, e.g. 12GiB (default: what the device has free)")
     pl.add_argument("--max-seq-len", type=int, help="context to plan for (default: the model's)")
+    pl.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype)")
     pl.add_argument("--batch", type=int, default=1, help="rows generated at once (default 1)")
     pl.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"])
     pl.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 (and int8) group size")
@@ -112,7 +116,7 @@ def _load(args: argparse.Namespace, batch: int = 1):
     llm = Llama.load(args.model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
                      threads=args.threads, tokenizer_path=args.tokenizer, quantize=args.quantize,
                      group_size=args.group_size, offload_layers=args.offload_layers, max_batch_size=batch,
-                     memory=parse_size(args.gpu_memory) if args.gpu_memory else None)
+                     memory=parse_size(args.gpu_memory) if args.gpu_memory else None, kv_dtype=args.kv_dtype)
     print(f"llamarun: {llm.checkpoint.path.name}: {plan_summary(llm.plan)}", file=sys.stderr)
     if args.compile:
         if llm.device.type == "cpu":
@@ -188,10 +192,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "load_s": round(llm.load_s, 3),
         "prompt_tokens": stats.prompt_tokens, "prefill_s": round(stats.prefill_s, 4),
         "prefill_tok_s": round(stats.prefill_tok_s, 1),
-        "generated_tokens": stats.generated_tokens, "decode_s": round(stats.decode_s, 4),
+        "generated_tokens": stats.generated_tokens, "decode_tokens": stats.decode_tokens,
+        "decode_s": round(stats.decode_s, 4),
         "decode_tok_s": round(stats.decode_tok_s, 1),
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
+        "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],
@@ -199,8 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    for i, p in enumerate(prompts)]
         out.write(json.dumps({"model": str(llm.checkpoint.path), "results": results, "stats": summary}) + "\n")
     print(f"load {llm.load_s:.2f} s | prefill {stats.prompt_tokens} tok at {stats.prefill_tok_s:.1f} tok/s | "
-          f"decode {stats.generated_tokens} tok at {stats.decode_tok_s:.1f} tok/s | {summary['device']} "
-          f"{summary['weights']} weights, {summary['dtype']} activations", file=sys.stderr)
+          f"decode {stats.decode_tokens} tok at {stats.decode_tok_s:.1f} tok/s | {summary['device']} "
+          f"{summary['weights']} weights, {summary['dtype']} activations, {summary['kv_dtype']} KV cache",
+          file=sys.stderr)
     return 0
 
 
@@ -226,15 +233,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.model or default_model_path(), args.tokenizer)
     d = describe(ckpt)
-    from .device import pick_device, pick_dtype
+    from .device import pick_device, pick_dtype, pick_kv_dtype
     from .generation import DEFAULT_MAX_SEQ_LEN
     from .memory import make_plan, native_quantization
 
     device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
     try:
-        plan = make_plan(ckpt.args, device, pick_dtype(args.dtype, device),
+        plan = make_plan(ckpt.args, device, dtype,
                          max_seq_len=args.max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN),
-                         **native_quantization(ckpt))
+                         kv_dtype=pick_kv_dtype(args.kv_dtype, device, dtype), **native_quantization(ckpt))
         d["load_plan"] = plan_summary(plan)
     except LlamarunError as e:
         d["load_plan"] = f"does not fit: {e}"
@@ -259,7 +267,7 @@ def _known_configs() -> list[str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from .device import pick_device, pick_dtype
+    from .device import pick_device, pick_dtype, pick_kv_dtype
     from .memory import config_by_name, format_plan, make_plan, native_quantization, parse_size
 
     memory = parse_size(args.memory) if args.memory else None
@@ -281,7 +289,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
     plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=args.max_seq_len, memory=memory,
                      quantize=args.quantize, group_size=args.group_size, offload_layers=args.offload_layers,
-                     **native)
+                     kv_dtype=pick_kv_dtype(args.kv_dtype, device, dtype), **native)
     print(json.dumps(dict(plan.to_dict(), model=name), indent=2) if args.json else format_plan(plan, name))
     return 0
 

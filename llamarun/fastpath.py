@@ -30,6 +30,11 @@ def _cpu_f32(x: torch.Tensor) -> bool:
     return x.is_cpu and x.dtype == torch.float32
 
 
+def _kv_ok(cache) -> bool:
+    """A KV cache ``attn_decode`` reads: float32 or float16 on the CPU."""
+    return cache.k.is_cpu and cache.k.dtype in (torch.float32, torch.float16)
+
+
 class FastRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _cpu_f32(x) and self.weight.dtype == torch.float32:
@@ -40,8 +45,7 @@ class FastRMSNorm(RMSNorm):
 class FastAttention(Attention):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        if (x.shape[1] == 1 and cache is not None and isinstance(start_pos, int) and _cpu_f32(x)
-                and cache.k.dtype == torch.float32):
+        if x.shape[1] == 1 and cache is not None and isinstance(start_pos, int) and _cpu_f32(x) and _kv_ok(cache):
             # qkv [B, 1, (H + 2K) D] -> rotary, cache write at start_pos, attention over 0..start_pos: one op.
             out = torch.ops.llamarun.attn_decode(self.wqkv(x).contiguous(), cache.k, cache.v, rope, start_pos,
                                                  self.n_heads, self.n_kv_heads)
@@ -113,9 +117,9 @@ class FastTransformer(Transformer):
         return super()._apply(fn, *args, **kwargs)
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        shape = self.cache_shape
+        before = (self.cache_shape, self.cache_dtype)
         super().setup_cache(batch, max_seq_len, dtype)
-        if self.cache_shape != shape:  # new cache tensors
+        if (self.cache_shape, self.cache_dtype) != before:  # new cache tensors
             self._stacks = None
 
     def free_cache(self) -> None:
@@ -145,7 +149,7 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
         cache = attn.cache
-        if (cache is None or not _cpu_f32(cache.k)
+        if (cache is None or not _kv_ok(cache)
                 or type(attn) is not FastAttention or type(ff) is not FastFeedForward):
             return None
         norms = (layer.attention_norm.weight, layer.ffn_norm.weight)

@@ -186,7 +186,9 @@ class Llama:
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int | None = None,
-                 max_batch_size: int | None = None, checkpoint: Checkpoint | None = None, load_s: float = 0.0) -> None:
+                 max_batch_size: int | None = None, checkpoint: Checkpoint | None = None, load_s: float = 0.0,
+                 kv_dtype: str | torch.dtype | None = "auto") -> None:
+        from .device import pick_kv_dtype
         from .fastpath import accelerate
 
         accelerate(model)  # fused CPU kernels for the float32 glue between matrix products (no-op elsewhere)
@@ -195,6 +197,8 @@ class Llama:
         self.args: ModelArgs = model.args
         self.max_seq_len = max_seq_len or self.args.max_seq_len
         self.max_batch_size = max_batch_size
+        # The KV cache's dtype (``pick_kv_dtype``: float16 under float32 math on a CPU, else the model's).
+        self.kv_dtype = pick_kv_dtype(kv_dtype, self.device, self.dtype)
         self.checkpoint = checkpoint
         self.load_s = load_s
         self.stats = Stats()
@@ -225,7 +229,7 @@ class Llama:
         self._decode_step = torch.compile(step, mode="reduce-overhead" if cuda else None, fullgraph=True,
                                           dynamic=False)
         rows = max(max(batch_sizes), self.max_batch_size or 1)
-        self.model.setup_cache(rows, self.max_seq_len)  # allocated once: its addresses are part of the graph
+        self.model.setup_cache(rows, self.max_seq_len, self.kv_dtype)  # allocated once: addresses are in the graph
         with torch.inference_mode():
             # One eager step first: modules make their lazy decisions (are the CPU kernels usable?) outside
             # the graph, where dynamo cannot follow them (locks, file system).
@@ -250,33 +254,38 @@ class Llama:
     def load(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", dtype: str = "auto",
              max_seq_len: int | None = None, max_batch_size: int | None = None, threads: int | None = None,
              tokenizer_path: str | Path | None = None, quantize: str = "auto", group_size: int | None = None,
-             offload_layers: int | None = None, memory: int | None = None) -> "Llama":
+             offload_layers: int | None = None, memory: int | None = None,
+             kv_dtype: str | torch.dtype = "auto") -> "Llama":
         """Load a checkpoint (default: the embedded SmolLM2) onto ``device``, following the memory plan.
 
         ``quantize='auto'`` keeps the checkpoint's own precision when it fits (a Q4 GGUF stays 4-bit, losslessly),
         else int8, else int4, else (accelerators) keeps some layers on the CPU; ``none``/``int8``/``int4`` force
         a mode. ``memory`` (bytes) overrides the budget the device reports. The context defaults to the
         model's, capped at 4096 tokens (``max_seq_len`` raises it); ``max_batch_size`` (default 1 for the plan,
-        no limit for generation) is what the plan reserves KV cache for. Raises RuntimeFailure, before
+        no limit for generation) is what the plan reserves KV cache for. ``kv_dtype`` is the KV cache's dtype
+        (``auto``: float16 under float32 math on a CPU, else the model's dtype). Raises RuntimeFailure, before
         allocating, when nothing fits.
         """
+        from .device import pick_kv_dtype
         from .memory import make_plan, native_quantization
 
         t0 = time.perf_counter()
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
+        kv = pick_kv_dtype(kv_dtype, dev, dt)
         set_threads(threads)
         if max_seq_len is not None and max_seq_len < 1:
             raise UsageError(f"max_seq_len must be >= 1, got {max_seq_len}")
         from .quantize import is_quantized_checkpoint
 
         if path is not None and is_quantized_checkpoint(path):
-            return cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory, t0)
+            return cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory, t0,
+                                            kv)
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         plan = make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
                          quantize=quantize, group_size=group_size, offload_layers=offload_layers,
-                         **native_quantization(ckpt))
+                         kv_dtype=kv, **native_quantization(ckpt))
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":
@@ -287,13 +296,14 @@ class Llama:
                 model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size)
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
-        llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0)
+        llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv)
         llm.plan = plan
         return llm
 
     @classmethod
     def _load_quantized_file(cls, path: Path, dev: torch.device, dt: torch.dtype, max_seq_len: int | None,
-                             max_batch_size: int | None, tokenizer_path, memory: int | None, t0: float) -> "Llama":
+                             max_batch_size: int | None, tokenizer_path, memory: int | None, t0: float,
+                             kv_dtype: torch.dtype | None = None) -> "Llama":
         """A file written by ``llamarun quantize``: planned from its header, loaded as it is."""
         import json
 
@@ -309,14 +319,14 @@ class Llama:
         mode = "int4" if "int4" in modes else "int8"
         seq = max_seq_len or min(args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
         plan = make_plan(args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory, quantize=mode,
-                         native_mode=mode, edge_native_mode="int8")
+                         native_mode=mode, edge_native_mode="int8", kv_dtype=kv_dtype)
         plan.reason = f"a {mode} checkpoint, loaded as it is"
         with torch.inference_mode():
             q = load_quantized(path, dev, dt, tokenizer_path)
         if q.tokenizer is None:
             raise FormatError(f"{path}: the tokenizer it was made with is gone; pass one with -z/tokenizer_path")
         ckpt = Checkpoint(args=args, tensors={}, tokenizer=q.tokenizer, format="llamarun-quantized", path=path)
-        llm = cls(q.model, q.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0)
+        llm = cls(q.model, q.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv_dtype)
         llm.plan = plan
         return llm
 
@@ -386,9 +396,9 @@ class Llama:
         stats = self.stats = Stats(prompt_tokens=sum(lengths))
 
         if self._decode_step is not None:  # one cache for the compiled graph's lifetime
-            self.model.setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len)
+            self.model.setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len, self.kv_dtype)
         else:
-            self.model.setup_cache(bsz, total_len)
+            self.model.setup_cache(bsz, total_len, self.kv_dtype)
         start = min(lengths)
         if logprobs and start == total_len:  # nothing to generate: score the prompt only
             with torch.inference_mode():

@@ -217,6 +217,7 @@ class Plan:
     available_source: str
     weights: dict[str, int]  # whole-model weights per choice: the float dtype, "int8", "int4"
     kv_cache: int  # on the device (offloaded layers keep theirs on the CPU)
+    kv_dtype: str
     activations: int
     overhead: int
     loading: int = 0  # transient while loading (freed before the KV cache and activations exist)
@@ -247,12 +248,13 @@ class Plan:
 def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
               max_seq_len: int | None = None, memory: int | None = None, quantize: str = "auto",
               group_size: int | None = None, offload_layers: int | None = None,
-              native_mode: str = "none", edge_native_mode: str = "none") -> Plan:
+              native_mode: str = "none", edge_native_mode: str = "none", kv_dtype: torch.dtype | None = None) -> Plan:
     """Decide how to load a model on ``device`` within ``memory`` bytes (default: what the device has free).
 
     ``native_mode`` is the quantization the checkpoint carries losslessly ("int4" for a Q4_0/Q4_1 GGUF,
     "int8" for Q8_0): with ``quantize='auto'`` it comes first, since dequantizing it would only cost memory
-    and speed. Raises RuntimeFailure, before anything is allocated, when nothing fits.
+    and speed. ``kv_dtype`` is the KV cache's (default: ``dtype``). Raises RuntimeFailure, before anything is
+    allocated, when nothing fits.
     """
     seq = max_seq_len or args.max_seq_len
     if batch < 1:
@@ -268,6 +270,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     if offload_layers and device.type == "cpu":
         raise UsageError("--offload-layers needs an accelerator device: on the CPU every layer is already there")
     nbytes = DTYPE_BYTES[dtype]
+    kv_dtype = kv_dtype or dtype
     avail, source = (memory, "--memory") if memory is not None else available_bytes(device)
     dtype_name = str(dtype).replace("torch.", "")
     plan = Plan(device=str(device), dtype=dtype_name, batch=batch, max_seq_len=seq, available=avail,
@@ -275,7 +278,8 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                 weights={dtype_name: weight_bytes(args, "none", nbytes),
                          "int8": weight_bytes(args, "int8", nbytes, group_size),
                          "int4": weight_bytes(args, "int4", nbytes, group_size)},
-                kv_cache=kv_cache_bytes(args, batch, seq, nbytes), activations=activation_bytes(args, batch, seq, nbytes),
+                kv_cache=kv_cache_bytes(args, batch, seq, DTYPE_BYTES[kv_dtype]),
+                kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activation_bytes(args, batch, seq, nbytes),
                 overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size)
     if quantize != "auto":
         order = [quantize]
@@ -335,7 +339,7 @@ def format_plan(plan: Plan, name: str) -> str:
             f"{plan.max_seq_len} tokens",
             f"available    {_fmt(plan.available)} ({plan.available_source})", "weights"]
     rows += [f"  {k:10} {_fmt(v):>12}" for k, v in plan.weights.items()]
-    rows += [f"kv cache     {_fmt(plan.kv_cache):>14}   (batch {plan.batch} x {plan.max_seq_len} tokens)",
+    rows += [f"kv cache     {_fmt(plan.kv_cache):>14}   (batch {plan.batch} x {plan.max_seq_len} tokens, {plan.kv_dtype})",
              f"activations  {_fmt(plan.activations):>14}",
              f"runtime      {_fmt(plan.overhead):>14}",
              f"loading      {_fmt(plan.loading):>14}   (transient, before the KV cache exists)",

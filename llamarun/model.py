@@ -68,7 +68,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Static key/value cache for one layer: [B, K, max_seq_len, D], written in place."""
+    """Static key/value cache for one layer: [B, K, max_seq_len, D], written in place. Its dtype may be
+    narrower than the activations' (float16 under float32 math): values are rounded on the way in."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
@@ -85,6 +86,7 @@ class KVCache(nn.Module):
         is returned: shapes then never depend on the position, and the caller masks what is not written yet.
         """
         b, _, s, _ = k.shape
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if isinstance(start_pos, torch.Tensor):
             self.k[:b].index_copy_(2, start_pos, k)
             self.v[:b].index_copy_(2, start_pos, v)
@@ -117,6 +119,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, K, T, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache under float32 math (no-op otherwise)
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads, without copies.
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(start_pos, torch.Tensor):  # static shapes: the whole cache, masked past each query
@@ -193,25 +196,27 @@ class Transformer(nn.Module):
                 else rope_cache(args, args.max_seq_len).to(dev))
         self.register_buffer("rope", rope, persistent=False)
         self.cache_shape: tuple[int, int] = (0, 0)  # (batch, max_seq_len) of the current KV cache
+        self.cache_dtype: torch.dtype | None = None
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for ``batch`` rows of up to ``max_seq_len`` tokens (reused when big enough)."""
-        if batch <= self.cache_shape[0] and max_seq_len <= self.cache_shape[1]:
-            return
+        """Allocate a static KV cache for ``batch`` rows of up to ``max_seq_len`` tokens (reused when big enough
+        and of the same dtype). ``dtype`` defaults to the embedding's floating dtype."""
         ref = self.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        if batch <= self.cache_shape[0] and max_seq_len <= self.cache_shape[1] and dtype == self.cache_dtype:
+            return
         for layer in self.layers:
             layer.attention.cache = None  # free the old cache before allocating the new one
             layer.attention.cache = KVCache(batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
                                             dtype, ref.device)
-        self.cache_shape = (batch, max_seq_len)
+        self.cache_shape, self.cache_dtype = (batch, max_seq_len), dtype
         if max_seq_len > self.rope.shape[0]:  # serve contexts beyond the trained length if asked to
             self.rope = rope_cache(self.args, max_seq_len).to(self.rope.device)
 
     def free_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
-        self.cache_shape = (0, 0)
+        self.cache_shape, self.cache_dtype = (0, 0), None
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] at positions start_pos..start_pos+S-1 -> float32 logits [B, S, vocab]

@@ -63,6 +63,10 @@ def test_generate_paris():
     assert proc.stdout.startswith(" Paris"), proc.stdout
     assert "decode" in proc.stderr and "tok/s" in proc.stderr and "load" in proc.stderr
     assert "cpu int4 weights, float32 activations" in proc.stderr  # the embedded Q4_1 model, kept 4-bit
+    assert "float16 KV cache" in proc.stderr
+    proc = run_cli("generate", "The capital of France is", "-n", "8", "-t", "0", "--kv-dtype", "float32")
+    assert proc.returncode == 0 and proc.stdout.startswith(" Paris"), proc.stderr
+    assert "float32 KV cache" in proc.stderr
 
 
 def test_generate_json_batch_and_logprobs():

@@ -46,16 +46,18 @@ def test_f32_linear_matches_torch(shape, n):
 @pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
                                                                  (4, 4, 16, 3, 5), (8, 2, 128, 2, 300),
                                                                  (6, 6, 48, 1, 511), (4, 1, 64, 2, 128)])
-def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos):
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos, kv):
     """One new token per row: rotary, cache write and GQA attention equal model.py's Attention (positions
-    0..pos in chunks of 128 per task: one, several, and one past a chunk boundary)."""
+    0..pos in chunks of 128 per task: one, several, and one past a chunk boundary), with a float32 or a
+    float16 cache."""
     torch.manual_seed(0)
     args = ModelArgs(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, vocab_size=10,
                      hidden_dim=32, max_seq_len=512)
     rope = rope_cache(args, 512)
     ref = Attention(args)
     T = 512
-    ref.cache = KVCache(batch + 1, kv_heads, T, head_dim, torch.float32)  # cache batch larger than the input
+    ref.cache = KVCache(batch + 1, kv_heads, T, head_dim, kv)  # cache batch larger than the input
     ref.cache.k.normal_()
     ref.cache.v.normal_()
     k0, v0 = ref.cache.k.clone(), ref.cache.v.clone()
@@ -69,7 +71,8 @@ def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos):
                                              heads, kv_heads)
         got = ref.wo(got)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ref.cache.k, want_k, rtol=1e-6, atol=1e-6)  # the rotated key went in at pos
+    # The rotated key went in at pos (in float16: the same value, give or take one rounding step).
+    torch.testing.assert_close(ref.cache.k, want_k, rtol=1e-6 if kv == torch.float32 else 1e-3, atol=1e-6)
     torch.testing.assert_close(ref.cache.v, want_v)
 
 
@@ -83,6 +86,10 @@ def test_attn_decode_rejects_bad_input():
         torch.ops.llamarun.attn_decode(qkv[..., :-16], cache, cache.clone(), rope, 0, 4, 2)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.llamarun.attn_decode(qkv.double(), cache, cache.clone(), rope, 0, 4, 2)
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        torch.ops.llamarun.attn_decode(qkv, cache, cache.half(), rope, 0, 4, 2)
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        torch.ops.llamarun.attn_decode(qkv, cache.bfloat16(), cache.bfloat16(), rope, 0, 4, 2)
 
 
 def _tiny_model(seed: int = 0, mode: str = "none") -> Transformer:
@@ -96,10 +103,10 @@ def _tiny_model(seed: int = 0, mode: str = "none") -> Transformer:
     return model
 
 
-def _decode(model: Transformer, prompt: torch.Tensor, steps: int = 10) -> torch.Tensor:
+def _decode(model: Transformer, prompt: torch.Tensor, steps: int = 10, kv: torch.dtype | None = None) -> torch.Tensor:
     """Logits of a prefill and ``steps`` greedy decode steps [steps + 1, B, vocab], from a fresh cache."""
     model.free_cache()
-    model.setup_cache(prompt.shape[0], 32)
+    model.setup_cache(prompt.shape[0], 32, kv)
     out = [model(prompt, 0)[:, -1]]
     tok = out[-1].argmax(-1, keepdim=True)
     for i in range(steps):
@@ -108,22 +115,28 @@ def _decode(model: Transformer, prompt: torch.Tensor, steps: int = 10) -> torch.
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("mode,batch", [("none", 2), ("none", 6), ("int8", 1), ("int4", 3)])
-def test_accelerated_model_generates_like_reference(mode, batch):
+@pytest.mark.parametrize("mode,batch,kv", [("none", 2, None), ("none", 6, None), ("int8", 1, None), ("int4", 3, None),
+                                           ("none", 2, torch.float16), ("int4", 3, torch.float16)])
+def test_accelerated_model_generates_like_reference(mode, batch, kv):
     """Prefill + 10 decode steps: logits of the fast path (decode steps through the one-op layer stack,
-    decode_layers) equal the reference's, for float32 weights (6 rows: the GEMM branch), int8 and int4."""
+    decode_layers) equal the reference's, for float32 weights (6 rows: the GEMM branch), int8 and int4,
+    with a float32 or a float16 KV cache."""
     model = _tiny_model(mode=mode)
     prompt = torch.randint(0, 50, (batch, 7))
     with torch.inference_mode():
-        want = _decode(model, prompt)
+        want = _decode(model, prompt, kv=kv)
         # Per layer: two norms, attention, ffn and 4 linears (float only: wqkv, wo, w13, w2); the final norm,
         # the output layer (float only) and the Transformer.
         assert fastpath.accelerate(model) == 2 * (4 + (4 if mode == "none" else 0)) + 2 + (mode == "none")
-        got = _decode(model, prompt)
+        got = _decode(model, prompt, kv=kv)
         assert model._decode_stack(batch) is not None  # the steps went through decode_layers
+        assert model.layers[0].attention.cache.k.dtype == (kv or torch.float32)
         fastpath.reference(model)
-        again = _decode(model, prompt)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-4)  # float32 sums in another order
+        again = _decode(model, prompt, kv=kv)
+    # float32 sums in another order; in a float16 cache such a difference can move a key or value to the
+    # neighbouring float16 value (one part in 2048), hence the looser bound there.
+    tol = dict(rtol=1e-4, atol=3e-4) if kv is None else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
     assert torch.equal(again, want)
 
 
@@ -137,6 +150,9 @@ def test_decode_stack_follows_the_cache_and_model():
         want = _decode(model, prompt)
         model.setup_cache(1, 48)  # bigger: new cache tensors
         assert model._decode_stack(1)[2][0] is model.layers[0].attention.cache.k
+        model.setup_cache(1, 48, torch.float16)  # same shape, another dtype: new cache tensors too
+        assert model._decode_stack(1)[2][0] is model.layers[0].attention.cache.k
+        assert model.layers[0].attention.cache.k.dtype == torch.float16
         torch.testing.assert_close(_decode(model, prompt), want)
         assert model._decode_stack(model.layers[0].attention.wqkv.dense_min_rows) is None
         model.to(torch.float32)  # _apply: gathered again

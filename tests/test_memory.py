@@ -27,6 +27,26 @@ def test_llama2_7b_fp16_does_not_fit_12gib_but_int8_does():
     assert "verdict      int8" in text and "kv cache" in text
 
 
+def test_kv_cache_dtype_sizes_the_cache():
+    """The plan counts the KV cache in its own dtype: float16 under float32 math on a CPU (auto) is half of
+    float32's."""
+    from llamarun.device import pick_kv_dtype
+
+    args = config_by_name("smollm2-135m")
+    cpu = torch.device("cpu")
+    f32 = make_plan(args, cpu, torch.float32, max_seq_len=4096, memory=8 * GiB, kv_dtype=torch.float32)
+    f16 = make_plan(args, cpu, torch.float32, max_seq_len=4096, memory=8 * GiB, kv_dtype=torch.float16)
+    assert f32.kv_cache == 2 * f16.kv_cache == 2 * 30 * 4096 * 3 * 64 * 4  # K and V, 30 layers, 3 heads of 64
+    assert (f16.kv_dtype, f32.kv_dtype) == ("float16", "float32")
+    assert make_plan(args, cpu, torch.float32, max_seq_len=4096, memory=8 * GiB).kv_cache == f32.kv_cache
+    assert pick_kv_dtype("auto", torch.device("cuda"), torch.bfloat16) == torch.bfloat16  # the model's on GPUs
+    assert pick_kv_dtype("float32", cpu, torch.float32) == torch.float32
+    with pytest.raises(UsageError, match="KV cache dtype"):
+        pick_kv_dtype("int8", cpu, torch.float32)
+    out = run_cli("plan", "--kv-dtype", "float32", "--max-seq-len", "1024").stdout
+    assert "(batch 1 x 1024 tokens, float32)" in out
+
+
 def test_meta_default_batch_is_a_trap():
     """Meta's example defaults (max_batch_size 32 x max_seq_len 2048) reserve 32 GiB of KV cache for 7B."""
     args = config_by_name("llama-2-7b")

@@ -258,15 +258,22 @@ def test_quantize_model_tiny(mode, tie):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_embedding_one_token_lookup(mode):
-    """A single token (a decode step) is looked up through the dequantization kernel; the rows equal the
-    general path's, and an out-of-range id still fails as it does there."""
+    """A decode step's tokens (one, or one per row) are looked up through the dequantization kernel; the
+    rows equal the general path's (also taken past _KERNEL_LOOKUP_MAX tokens), and an out-of-range id
+    still fails as it does there."""
     model = Q.quantize_model(_tiny(True), mode)
     emb = model.tok_embeddings
     want = emb.source.qtensor.rows(torch.tensor([[5, 0, 95]]))
     for i, tok in enumerate((5, 0, 95)):
         torch.testing.assert_close(emb(torch.tensor([[tok]])), want[:, i : i + 1], rtol=0, atol=0)
+    batch = torch.tensor([[5], [0], [95]])  # [B, 1]: a batched decode step
+    torch.testing.assert_close(emb(batch), want.view(3, 1, -1), rtol=0, atol=0)
+    many = torch.randint(0, 96, (2, Q._KERNEL_LOOKUP_MAX))
+    torch.testing.assert_close(emb(many), emb.source.qtensor.rows(many), rtol=0, atol=0)
     with pytest.raises(IndexError):
         emb(torch.tensor([[96]]))
+    with pytest.raises(IndexError):
+        emb(torch.tensor([[3], [96]]))
 
 
 def test_group_sizes_and_errors():

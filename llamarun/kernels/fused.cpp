@@ -13,11 +13,13 @@
 //       -> [B, 1, H D]: rotary embedding of q and k at position `pos`, k and v written into the caches at
 //       `pos`, then each query head attends to cache positions 0..pos of its key/value head (GQA).
 //
-// All tensors float32, CPU, contiguous.
+// All tensors float32, CPU, contiguous; except attn_decode's caches, which may also be float16 (half the
+// memory and the bytes read per step; the arithmetic stays float32).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -206,11 +208,75 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
+// Cache elements: float32, or float16 (converted 8 at a time with F16C where the CPU has it).
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+#ifdef FUSED_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#ifdef __F16C__
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+inline __m256 load8(const c10::Half* p) {
+  alignas(32) float f[8];
+  for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(p[j]);
+  return _mm256_load_ps(f);
+}
+#endif
+#endif
+
+// dot(a, b) with b a cached key of either element type.
+inline float dot_kv(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
+inline float dot_kv(const float* a, const c10::Half* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef FUSED_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+  s = hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+#ifdef FUSED_AVX2
+// The 8 scores q . k[j*D ..] of 8 consecutive cached keys (D a multiple of 8): one accumulator per key, so
+// the FMAs are independent, then one transposing reduction instead of 8 horizontal sums.
+template <typename T>
+inline __m256 dot8(const float* q, const T* k, int64_t D) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(k + j * D + d), a[j]);
+  }
+  // hadd works within 128-bit halves: s0123 = [sums of a0..a3 over lanes 0-3 | the same over lanes 4-7].
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+#endif
+
+// y[0..n) = x[0..n) converted to the cache's element type (round to nearest even, as torch converts).
+inline void store_row(float* y, const float* x, int64_t n) { std::copy(x, x + n, y); }
+inline void store_row(c10::Half* y, const float* x, int64_t n) {
+  int64_t i = 0;
+#if defined(FUSED_AVX2) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) y[i] = static_cast<c10::Half>(x[i]);
+}
+
 // o[0..D) = sum over t < len of p[t] * v[t*D .. t*D+D): the values weighted by the softmax numerators,
 // accumulated in registers 64 floats at a time (an axpy per position would load and store o each time).
 constexpr int64_t kChunk = 128;  // positions per attention task (also p's size)
 
-inline void weighted_sum(const float* p, const float* v, int64_t len, int64_t D, float* o) {
+template <typename T>
+void weighted_sum(const float* p, const T* v, int64_t len, int64_t D, float* o) {
   int64_t d0 = 0;
 #ifdef FUSED_AVX2
   for (; d0 + 64 <= D; d0 += 64) {
@@ -218,59 +284,49 @@ inline void weighted_sum(const float* p, const float* v, int64_t len, int64_t D,
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < len; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
-      const float* vt = v + t * D + d0;
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+      const T* vt = v + t * D + d0;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w, load8(vt + 8 * j), acc[j]);
     }
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(o + d0 + 8 * j, acc[j]);
   }
   for (; d0 + 8 <= D; d0 += 8) {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t t = 0; t < len; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(v + t * D + d0), acc);
+    for (int64_t t = 0; t < len; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(v + t * D + d0), acc);
     _mm256_storeu_ps(o + d0, acc);
   }
 #endif
   for (; d0 < D; ++d0) {
     float acc = 0.0f;
-    for (int64_t t = 0; t < len; ++t) acc += p[t] * v[t * D + d0];
+    for (int64_t t = 0; t < len; ++t) acc += p[t] * to_float(v[t * D + d0]);
     o[d0] = acc;
   }
 }
 
 // Rotate adjacent pairs (x[2i], x[2i+1]) by the angle whose cos, sin are cs[2i], cs[2i+1] (Meta's layout).
-inline void rotate(const float* x, const float* cs, float* y, int64_t D) {
+template <typename T>
+void rotate(const float* x, const float* cs, T* y, int64_t D) {
   for (int64_t i = 0; i < D; i += 2) {
     const float x0 = x[i], x1 = x[i + 1], c = cs[i], s = cs[i + 1];
-    y[i] = x0 * c - x1 * s;
-    y[i + 1] = x0 * s + x1 * c;
+    y[i] = static_cast<T>(x0 * c - x1 * s);
+    y[i + 1] = static_cast<T>(x0 * s + x1 * c);
   }
 }
 
-at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
-  check_f32(qkv, "qkv");
-  check_f32(k_cache, "k_cache");
-  check_f32(v_cache, "v_cache");
-  check_f32(rope, "rope");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be [B, K, T, D]");
-  const int64_t B = qkv.size(0), H = n_heads, K = n_kv_heads, T = k_cache.size(2), D = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * K) * D,
-              "qkv must be [B, 1, (n_heads + 2 n_kv_heads) head_dim]");
-  TORCH_CHECK(k_cache.size(0) >= B && k_cache.size(1) == K && H % K == 0 && D % 2 == 0, "cache shape mismatch");
-  TORCH_CHECK(pos >= 0 && pos < T, "position ", pos, " outside the cache (", T, ")");
-  TORCH_CHECK(rope.numel() == D, "rope must hold head_dim/2 (cos, sin) pairs");
-  const float* QKV = qkv.data_ptr<float>();
-  const float* CS = rope.data_ptr<float>();
-  float* KC = k_cache.data_ptr<float>();
-  float* VC = v_cache.data_ptr<float>();
+// attn_decode for cache element type T (float or c10::Half); the arguments are checked by attn_decode.
+template <typename T>
+void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O, int64_t B, int64_t H, int64_t K,
+                      int64_t T_len, int64_t D, int64_t pos) {
   const int64_t row = (H + 2 * K) * D, n = pos + 1;
 
   // The new token's keys (rotated) and values go into the caches first: every query head reads them.
+  std::vector<float> rotated(D);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < K; ++g) {
       const float* kx = QKV + b * row + (H + g) * D;
-      const int64_t at = ((b * K + g) * T + pos) * D;
-      rotate(kx, CS, KC + at, D);
-      std::copy(kx + K * D, kx + K * D + D, VC + at);
+      const int64_t at = ((b * K + g) * T_len + pos) * D;
+      rotate(kx, CS, rotated.data(), D);
+      store_row(KC + at, rotated.data(), D);
+      store_row(VC + at, kx + K * D, D);
     }
 
   // Attention, split like flash-decoding: a task is one (row, key/value head, chunk of kChunk positions),
@@ -278,8 +334,6 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   // memory once per step rather than once per query head; the chunks keep long contexts spread over the
   // threads. A task leaves, per query head, its softmax max m, sum l and unnormalised output o [D]; the
   // merge below rescales them by exp(m - max over chunks).
-  at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  float* O = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t G = H / K, C = (n + kChunk - 1) / kChunk, part = D + 2;  // part: o [D], m, l
   std::unique_ptr<float[]> parts(new float[B * H * C * part]);  // every entry is written by one task: no zeroing
@@ -288,16 +342,18 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = i % C, g = (i / C) % K, b = i / (C * K);
       const int64_t t0 = c * kChunk, len = std::min(n, t0 + kChunk) - t0;
-      const float* kc = KC + ((b * K + g) * T + t0) * D;
-      const float* vc = VC + ((b * K + g) * T + t0) * D;
+      const T* kc = KC + ((b * K + g) * T_len + t0) * D;
+      const T* vc = VC + ((b * K + g) * T_len + t0) * D;
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         rotate(QKV + b * row + h * D, CS, q.data(), D);
         for (int64_t j = 0; j < D; ++j) q[j] *= scale;
-        float max = -INFINITY;
-        for (int64_t t = 0; t < len; ++t) {
-          p[t] = dot(q.data(), kc + t * D, D);
-          max = std::max(max, p[t]);
-        }
+        int64_t t = 0;
+#ifdef FUSED_AVX2
+        if (D % 8 == 0)
+          for (; t + 8 <= len; t += 8) _mm256_storeu_ps(p.data() + t, dot8(q.data(), kc + t * D, D));
+#endif
+        for (; t < len; ++t) p[t] = dot_kv(q.data(), kc + t * D, D);
+        const float max = *std::max_element(p.begin(), p.begin() + len);
         float* r = parts.get() + ((b * H + h) * C + c) * part;
         r[D] = max;
         r[D + 1] = exp_shifted(p.data(), len, max);
@@ -319,6 +375,30 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
     const float inv = 1.0f / sum;
     for (int64_t j = 0; j < D; ++j) o[j] *= inv;
   }
+}
+
+at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+  check_f32(qkv, "qkv");
+  check_f32(rope, "rope");
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.device().is_cpu() && (kv == at::kFloat || kv == at::kHalf) && k_cache.is_contiguous() &&
+                  v_cache.device().is_cpu() && v_cache.scalar_type() == kv && v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous CPU tensors, both float32 or both float16");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be [B, K, T, D]");
+  const int64_t B = qkv.size(0), H = n_heads, K = n_kv_heads, T = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * K) * D,
+              "qkv must be [B, 1, (n_heads + 2 n_kv_heads) head_dim]");
+  TORCH_CHECK(k_cache.size(0) >= B && k_cache.size(1) == K && H % K == 0 && D % 2 == 0, "cache shape mismatch");
+  TORCH_CHECK(pos >= 0 && pos < T, "position ", pos, " outside the cache (", T, ")");
+  TORCH_CHECK(rope.numel() == D, "rope must hold head_dim/2 (cos, sin) pairs");
+  at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
+  if (kv == at::kHalf)
+    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
+                     rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
+  else
+    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                     rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
   return out;
 }
 

@@ -613,10 +613,20 @@ at::Tensor q4_dequant(const at::Tensor& qweight, const at::Tensor& scales, const
         const float s = h2f(S[n * (K / G) + b / bpg]), z = h2f(Z[n * (K / G) + b / bpg]);
         const uint8_t* w = W + n * (K / 2) + b * (QK / 2);
         float* dst = o + n * K + b * QK;
+#ifdef LLAMARUN_AVX2
+        // Byte j holds element j (low nibble) and element j + 16 (high nibble): 8 elements per widening.
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w)), mask = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(v, mask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int i = 0; i < 4; ++i)
+          _mm256_storeu_ps(dst + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vs, vz));
+#else
         for (int64_t j = 0; j < QK / 2; ++j) {
           dst[j] = float(w[j] & 0x0F) * s + z;
           dst[j + QK / 2] = float(w[j] >> 4) * s + z;
         }
+#endif
       }
   });
   return out;
