@@ -127,8 +127,8 @@ class FastTransformer(Transformer):
         super().free_cache()
 
     def _decode_stack(self, rows: int) -> tuple[list, list, list, list, list] | None:
-        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows and the layers' modules (for the
-        hook check), or None if the op can't run them."""
+        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows and the layers' modules' hook dicts
+        (for the hook check), or None if the op can't run them."""
         stacks = self._stacks
         if stacks is None:
             stacks = self._stacks = {}
@@ -137,10 +137,11 @@ class FastTransformer(Transformer):
         return stacks[rows]
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
-    """Is a forward (pre-)hook registered on any of ``modules``, or globally? (~0.1 us a module)"""
-    return bool(_global_forward_hooks or _global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+def _hooked(hook_dicts: list[dict]) -> bool:
+    """Is a forward (pre-)hook registered globally, or in any of ``hook_dicts`` (the layers' modules'
+    ``_forward_hooks`` and ``_forward_pre_hooks``, gathered once)? ``any`` over the dicts themselves tests
+    each in C: ~5 us for SmolLM2's 600, against ~33 us for a generator over the modules."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or any(hook_dicts))
 
 
 def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list, list] | None:
@@ -164,7 +165,8 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
             weights += spec[2]
         kc.append(cache.k)
         vc.append(cache.v)
-    return weights, kinds, kc, vc, [m for layer in model.layers for m in layer.modules()]
+    modules = [m for layer in model.layers for m in layer.modules()]
+    return weights, kinds, kc, vc, [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
 
 
 _FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear,

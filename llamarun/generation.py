@@ -392,7 +392,8 @@ class Llama:
         run.token_logprobs = torch.zeros(bsz, total_len, device=dev) if logprobs else None
         run.done = [max_gen_len == 0] * bsz
         run.counts = [0] * bsz
-        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids) or [-2], device=dev)
+        stop_set = self.tokenizer.stop_ids
+        longest = max(lengths)
         stats = self.stats = Stats(prompt_tokens=sum(lengths))
 
         if self._decode_step is not None:  # one cache for the compiled graph's lifetime
@@ -416,16 +417,16 @@ class Llama:
                     if sampling.uses_penalties:
                         last = apply_penalties(last, tokens[:, :cur], tokens[:, :cur] >= 0, sampling)
                     nxt = sample(last, sampling, gen)
-                    in_prompt = run.prompt_mask[:, cur]
-                    nxt = torch.where(in_prompt, tokens[:, cur], nxt)
+                    if cur < longest:  # rows still reading their prompt keep its token
+                        nxt = torch.where(run.prompt_mask[:, cur], tokens[:, cur], nxt)
                     tokens[:, cur] = nxt
                     lp = None
                     if logprobs:
                         lp = torch.log_softmax(last, dim=-1).gather(1, nxt[:, None]).squeeze(1)
                         run.token_logprobs[:, cur] = lp
-                is_stop = torch.isin(nxt, stop_ids) & ~in_prompt
-                # One host sync per step: everything the loop needs to decide which rows emit.
-                nxt_l, in_prompt_l, stop_l = nxt.tolist(), in_prompt.tolist(), is_stop.tolist()
+                # One host sync per step (the ids); which rows are in their prompt or stopped is plain Python.
+                nxt_l = nxt.tolist()
+                in_prompt_l = [cur < n for n in lengths]
                 lp_l = lp.tolist() if lp is not None else [None] * bsz
                 now = time.perf_counter()
                 is_prefill = cur == start
@@ -440,7 +441,8 @@ class Llama:
                     if run.done[i] or in_prompt_l[i]:
                         continue
                     run.counts[i] += 1
-                    finished = (stop_l[i] and not ignore_eos) or run.counts[i] >= max_gen_len or cur + 1 == total_len
+                    finished = ((nxt_l[i] in stop_set and not ignore_eos) or run.counts[i] >= max_gen_len
+                                or cur + 1 == total_len)
                     run.done[i] = finished
                     stats.generated_tokens += 1
                     stats.decode_tokens += not is_prefill
