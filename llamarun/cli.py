@@ -43,8 +43,17 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("--gpu-memory", help="memory budget on the device, e.g. 10GiB (default: what it has free)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors (a bad choice, an unknown option) as one line like every other error,
+    instead of the whole usage block (subcommands' parsers are this class too)."""
+
+    def error(self, message: str):
+        print(f"llamarun: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamarun", description="Run LLaMA-family models on the hardware you have.")
+    parser = _Parser(prog="llamarun", description="Run LLaMA-family models on the hardware you have.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="complete prompts (tokens stream as they are generated)",

@@ -183,6 +183,18 @@ def test_invalid_values(args, needle, capsys):
     assert_one_line_error(subprocess.CompletedProcess([], code, "", err), 2, needle)
 
 
+@pytest.mark.parametrize("args,needle,help_cmd", [
+    (["generate", "hello", "--kv-dtype", "int8"], "--kv-dtype: invalid choice: 'int8'", "llamarun generate --help"),
+    (["generate", "hello", "--quantize", "int3"], "--quantize: invalid choice", "llamarun generate --help"),
+    (["generate", "hello", "-n", "many"], "-n/--max-new-tokens: invalid int value", "llamarun generate --help"),
+    (["generate", "hello", "--bogus"], "unrecognized arguments: --bogus", "llamarun --help"),
+    (["bogus"], "invalid choice: 'bogus'", "llamarun --help"),
+])
+def test_argument_errors_are_one_line(args, needle, help_cmd):
+    """What argparse rejects is one error line naming the option (and where help is), exit code 2."""
+    assert_one_line_error(run_cli(*args), 2, needle, help_cmd)
+
+
 def test_invalid_value_from_a_real_process():
     assert_one_line_error(run_cli("generate", "hello", "--temperature", "nan"), 2, "temperature")
 
