@@ -69,19 +69,37 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// Cache elements: float32, or float16 (converted 8 at a time with F16C where the CPU has it).
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+#ifdef FUSED_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+#ifdef __F16C__
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#else
+inline __m256 load8(const c10::Half* p) {
+  alignas(32) float f[8];
+  for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(p[j]);
+  return _mm256_load_ps(f);
+}
+#endif
+#endif
+
+// a . b, with b float32 or float16 (a cached key).
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.0f;
 #ifdef FUSED_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
@@ -208,40 +226,6 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   return out;
 }
 
-// Cache elements: float32, or float16 (converted 8 at a time with F16C where the CPU has it).
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-#ifdef FUSED_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-#ifdef __F16C__
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-#else
-inline __m256 load8(const c10::Half* p) {
-  alignas(32) float f[8];
-  for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(p[j]);
-  return _mm256_load_ps(f);
-}
-#endif
-#endif
-
-// dot(a, b) with b a cached key of either element type.
-inline float dot_kv(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
-inline float dot_kv(const float* a, const c10::Half* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.0f;
-#ifdef FUSED_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
-  s = hsum8(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
-  return s;
-}
-
 #ifdef FUSED_AVX2
 // The 8 scores q . k[j*D ..] of 8 consecutive cached keys (D a multiple of 8): one accumulator per key, so
 // the FMAs are independent, then one transposing reduction instead of 8 horizontal sums.
@@ -352,7 +336,7 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
         if (D % 8 == 0)
           for (; t + 8 <= len; t += 8) _mm256_storeu_ps(p.data() + t, dot8(q.data(), kc + t * D, D));
 #endif
-        for (; t < len; ++t) p[t] = dot_kv(q.data(), kc + t * D, D);
+        for (; t < len; ++t) p[t] = dot(q.data(), kc + t * D, D);
         const float max = *std::max_element(p.begin(), p.begin() + len);
         float* r = parts.get() + ((b * H + h) * C + c) * part;
         r[D] = max;
