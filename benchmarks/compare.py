@@ -11,8 +11,8 @@ bfloat16 weights and activations; ``int8``/``int4`` force a quantization), HF tr
 in each ``--hf-dtypes`` (the same GGUF through ``from_pretrained(gguf_file=...)``, which dequantizes it;
 default fp32 and bf16, but fp32 only on CPUs without native bf16, where emulated bf16 is 2-4x slower
 than fp32 and would take ~40% of the run; ``--hf-dtypes fp32 bf16`` forces it, flagged in the notes),
-and llama.cpp through llama-cpp-python when it is importable (batch 1 only: its Python API runs one
-sequence). Rows: load-to-ready seconds, prefill tok/s per prompt length, decode tok/s per batch size
+and llama.cpp through llama-cpp-python when it is importable (its C API: batches of sequences in one
+context, as llama.cpp's batched examples). Rows: load-to-ready seconds, prefill tok/s per prompt length, decode tok/s per batch size
 (aggregate over the batch), with ``--context N ...`` batch-1 decode tok/s after an N-token prompt (where
 attention over the cache, not the weights, sets the pace), peak RSS. A second table gives llamarun / reference for every pair
 (tok/s: > 1 means llamarun is faster; seconds and MiB: < 1 means llamarun is better).
@@ -220,46 +220,83 @@ class HFEngine:
 
 
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python's low-level ``eval`` (one sequence: batch 1 only)."""
+    """llama.cpp through llama-cpp-python's bindings of its C API: one context whose KV cache holds up to
+    max(--batch) sequences (``n_seq_max``, unified cache), fed with ``llama_batch``es as llama.cpp's own
+    batched examples do. A decode step of a batch is one ``llama_decode`` of one token per sequence."""
 
     name = "llama.cpp"
-    max_batch = 1
+    max_batch = None
 
     def __init__(self, spec: dict) -> None:
         import llama_cpp
         import numpy as np
 
         self.import_done = time.perf_counter()
-        self.np = np
+        self.lc, self.np = llama_cpp, np
+        seqs = max(spec["batch"])
         ctx = max(max(spec["prefill"]) + 2, max([DECODE_PROMPT_LEN, *spec.get("context", [])]) + spec["decode_tokens"] + 2,
                   64)
         t = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=ctx, n_batch=max(512, ctx), n_threads=spec["threads"],
-                                   n_threads_batch=spec["threads"], logits_all=False, verbose=False)
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(spec["model"].encode(), llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {spec['model']}")
+        params = llama_cpp.llama_context_default_params()
+        # One cache shared by the sequences: room for the longest single prompt, or every row of the
+        # biggest decode batch, whichever is more (a split cache would reserve ctx cells per sequence).
+        params.n_ctx = max(ctx, seqs * (DECODE_PROMPT_LEN + spec["decode_tokens"] + 2))
+        params.n_batch = self.n_batch = max(512, ctx)
+        params.n_seq_max = seqs
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = spec["threads"]
+        self.ctx_ptr = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx_ptr:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, seqs)
+        self.memory = llama_cpp.llama_get_memory(self.ctx_ptr)
         load_s = time.perf_counter() - t
-        self.vocab = self.llm.n_vocab()
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.ctx = ctx
         self.info = {"load_s": round(load_s, 3), "weights": "gguf as stored", "activations": "float32",
                      "threads": spec["threads"], "version": getattr(llama_cpp, "__version__", "?")}
 
-    def _argmax(self) -> int:
-        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) items."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = tok, pos, 1, seq, logits
+        b.n_tokens = len(items)
+        rc = self.lc.llama_decode(self.ctx_ptr, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def _argmax(self, i: int) -> int:
+        """Greedy pick from the logits of the batch's i-th item."""
+        row = self.np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx_ptr, i), shape=(self.vocab,))
+        return int(row.argmax())
+
+    def _prefill(self, prompts: list[list[int]]) -> list[int]:
+        """Every prompt into the cache as its own sequence (in n_batch pieces); the first token of each."""
+        self.lc.llama_memory_clear(self.memory, True)
+        items = [(tok, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        firsts = []
+        for a in range(0, len(items), self.n_batch):
+            chunk = items[a : a + self.n_batch]
+            self._decode(chunk)
+            firsts += [self._argmax(i) for i, item in enumerate(chunk) if item[3]]
+        return firsts
 
     def prefill(self, prompt: list[int]) -> float:
-        self.llm.reset()
         t = time.perf_counter()
-        self.llm.eval(prompt)
-        self._argmax()
+        self._prefill([prompt])
         return time.perf_counter() - t
 
     def decode(self, prompts: list[list[int]], steps: int) -> float:
-        self.llm.reset()
-        self.llm.eval(prompts[0])
-        tok = self._argmax()
+        toks = self._prefill(prompts)
         t = time.perf_counter()
-        for _ in range(steps):
-            self.llm.eval([tok])
-            tok = self._argmax()
+        for step in range(steps):
+            self._decode([(tok, len(p) + step, seq, True) for seq, (tok, p) in enumerate(zip(toks, prompts))])
+            toks = [self._argmax(i) for i in range(len(prompts))]
         return time.perf_counter() - t
 
 

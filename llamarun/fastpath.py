@@ -109,7 +109,7 @@ class FastTransformer(Transformer):
                     a = self.args
                     h = torch.ops.llamarun.decode_layers(h, *stack[:2], self.rope[start_pos : start_pos + 1],
                                                          *stack[2:4], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
-                    return self.output(self.norm(h)).float()
+                    return h if stack[5] else self.output(self.norm(h)).float()  # stack[5]: the op ran the head
         return super().forward(tokens, start_pos, last_only)
 
     def _apply(self, fn, *args, **kwargs):
@@ -126,9 +126,10 @@ class FastTransformer(Transformer):
         self._stacks = None
         super().free_cache()
 
-    def _decode_stack(self, rows: int) -> tuple[list, list, list, list, list] | None:
-        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows and the layers' modules' hook dicts
-        (for the hook check), or None if the op can't run them."""
+    def _decode_stack(self, rows: int) -> tuple[list, list, list, list, list, bool] | None:
+        """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows, the hook dicts of the modules it
+        runs (for the hook check) and whether it runs the head (final norm and output) too; or None if the
+        op can't run the layers."""
         stacks = self._stacks
         if stacks is None:
             stacks = self._stacks = {}
@@ -144,8 +145,9 @@ def _hooked(hook_dicts: list[dict]) -> bool:
     return bool(_global_forward_hooks or _global_forward_pre_hooks or any(hook_dicts))
 
 
-def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list, list] | None:
-    """Walk the layers once: the op's argument lists, or None at the first thing it can't run."""
+def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list, list, bool] | None:
+    """Walk the layers once: the op's argument lists, or None at the first thing it can't run. The head
+    (final norm and output) joins them when the op can run it too; else Python runs it after the op."""
     weights, kinds, kc, vc = [], [], [], []
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
@@ -166,7 +168,14 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
         kc.append(cache.k)
         vc.append(cache.v)
     modules = [m for layer in model.layers for m in layer.modules()]
-    return weights, kinds, kc, vc, [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+    norm, out = model.norm, _linear_spec(model.output, rows)
+    head = (type(norm) is FastRMSNorm and norm.eps == model.args.norm_eps and _cpu_f32(norm.weight)
+            and out is not None)
+    if head:
+        weights += (norm.weight,) + out[2]
+        kinds += out[:2]
+        modules += [norm, model.output]
+    return weights, kinds, kc, vc, [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)], head
 
 
 _FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear,

@@ -130,6 +130,7 @@ def test_accelerated_model_generates_like_reference(mode, batch, kv):
         assert fastpath.accelerate(model) == 2 * (4 + (4 if mode == "none" else 0)) + 2 + (mode == "none")
         got = _decode(model, prompt, kv=kv)
         assert model._decode_stack(batch) is not None  # the steps went through decode_layers
+        assert model._decode_stack(batch)[5]  # ... and the head
         assert model.layers[0].attention.cache.k.dtype == (kv or torch.float32)
         fastpath.reference(model)
         again = _decode(model, prompt, kv=kv)
@@ -179,12 +180,21 @@ def test_hooks_fire_on_the_fast_path():
         calls.clear()
         torch.testing.assert_close(_decode(model, prompt, steps=4), want)
         assert calls == []
+        # The head (final norm, output layer) runs inside the op too: its hooks count as well.
+        for module in (model.norm, model.output):
+            handle = module.register_forward_hook(lambda m, args, out: calls.append(3))
+            torch.testing.assert_close(_decode(model, prompt, steps=4), want)
+            handle.remove()
+            assert calls == [3] * 5
+            calls.clear()
 
 
 def test_decode_layers_rejects_bad_input():
     x = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match="per layer"):
         torch.ops.llamarun.decode_layers(x, [x], [32, 0], torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
+    with pytest.raises(RuntimeError, match="for the head"):  # 14 + 4 weights, but not 8 + 2 kinds
+        torch.ops.llamarun.decode_layers(x, [x] * 18, [32, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
 
 
 def test_fast_modules_fall_back_off_the_fast_path():
@@ -206,7 +216,7 @@ def test_accelerate_is_a_no_op_without_kernels(monkeypatch):
     assert type(model.layers[0].attention) is Attention
 
 
-@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 49152])
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 33, 40, 49152])
 def test_argmax_matches_torch(vocab):
     """Greedy decoding's argmax: first index of the maximum, and NaN counts as the maximum, as in torch."""
     torch.manual_seed(vocab)

@@ -33,7 +33,8 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
   per row) and ``argmax(x [B, V]) -> [B]`` (greedy decoding).
 - ``decode_layers(x, weights, kinds, rope, k_caches, v_caches, pos, n_heads, n_kv_heads, eps)``
   (``layers.cpp``): a whole decode step's layer stack in one call, chaining the ops above with no Python
-  between them (see :class:`llamarun.fastpath.FastTransformer`).
+  between them (see :class:`llamarun.fastpath.FastTransformer`); with the head's weights appended it also
+  runs the final norm and the output layer and returns the logits.
 
 Threads: a small pool of helper threads with dynamic chunking (not OpenMP): the caller never waits for a
 helper that has not started, so a loaded machine costs single-thread speed rather than OpenMP barrier
