@@ -236,6 +236,9 @@ class LlamaCppEngine:
         seqs = max(spec["batch"])
         ctx = max(max(spec["prefill"]) + 2, max([DECODE_PROMPT_LEN, *spec.get("context", [])]) + spec["decode_tokens"] + 2,
                   64)
+        from llama_cpp import _logger
+
+        _logger.set_verbose(False)  # llama.cpp's load log (hundreds of lines) only on errors
         t = time.perf_counter()
         llama_cpp.llama_backend_init()
         self.model = llama_cpp.llama_model_load_from_file(spec["model"].encode(), llama_cpp.llama_model_default_params())

@@ -211,3 +211,18 @@ def test_same_prompts_in_every_process():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": "123"},
                            timeout=60)
     assert json.loads(other.stdout) == p
+
+
+def test_llama_cpp_engine_runs_sequences_as_a_batch():
+    """The llama.cpp column's batched decode (one llama_batch of one token per sequence, one shared KV cache)
+    picks the same greedy tokens per row as one sequence at a time. Runs where llama-cpp-python is installed."""
+    pytest.importorskip("llama_cpp")
+    from llamarun.generation import default_model_path
+
+    spec = {"model": str(default_model_path()), "batch": [1, 3], "prefill": [32], "decode_tokens": 4, "context": [],
+            "threads": 2}
+    eng = compare.LlamaCppEngine(spec)
+    prompts = compare.make_prompts(eng.vocab, 3, compare.DECODE_PROMPT_LEN)
+    together = eng._prefill(prompts)
+    assert together == [eng._prefill([p])[0] for p in prompts]
+    assert eng.decode(prompts, 4) > 0 and eng.prefill(prompts[0][:8]) > 0
