@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,23 @@ def test_quantize_then_generate(tmp_path):
     proc = run_cli("generate", "-m", str(out), "The capital of France is", "-n", "4", "-t", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(" Paris") and "int4 checkpoint" in proc.stderr
+
+
+def test_gguf_types_outside_the_common_six_go_through_gguf_quants(tmp_path):
+    """Q5_0 (no torch path here) is read with the gguf package's tables and dequantizer, and gives what
+    gguf.quants gives; a file of only the common types (SmolLM2's Q4_1/Q8_0/F32) never imports gguf."""
+    import gguf
+
+    from llamarun.formats import load_checkpoint
+
+    path = write_tiny_gguf(tmp_path / "q5.gguf", weight_type=gguf.GGMLQuantizationType.Q5_0)
+    ckpt = load_checkpoint(path)
+    assert ckpt.tensor_types["layers.0.attention.wq.weight"] == "Q5_0"
+    raw = ckpt.native["layers.0.attention.wq.weight"]
+    want = gguf.quants.dequantize(raw.data, gguf.GGMLQuantizationType.Q5_0).reshape(32, 32)
+    np.testing.assert_array_equal(ckpt.tensors["layers.0.attention.wq.weight"].numpy(), want)
+    code = ("import sys; from llamarun.formats import load_checkpoint; from llamarun.generation import default_model_path;"
+            "c = load_checkpoint(default_model_path()); c.tensors['layers.0.attention.wq.weight'];"
+            "print(sorted(set(c.tensor_types.values())), 'gguf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['F32',", "'Q4_1',", "'Q8_0']", "False"]

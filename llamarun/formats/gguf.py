@@ -1,12 +1,16 @@
-"""GGUF checkpoints (llama.cpp's format), read with the ``gguf`` package.
+"""GGUF checkpoints (llama.cpp's format), read with the ``gguf`` package's tables and dequantizers.
 
 GGUF stores Meta's rotary layout for the q/k projections, so no permutation is needed here. Tensors are
-memory-mapped and dequantized one at a time on access: Q8_0, Q4_0 and Q4_1 in torch (fast), every other
-type through ``gguf.quants``.
+read and dequantized one at a time on access: Q8_0, Q4_0 and Q4_1 in torch (fast), every other type
+through ``gguf.quants``.
+
+The ``gguf`` package itself is imported only for a file with a tensor type outside the common six below:
+importing it costs ~0.15 s (it pulls in ``yaml`` for its model-card code), a quarter of loading SmolLM2.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 import struct
 import warnings
@@ -21,11 +25,41 @@ from ..config import ModelArgs
 from ..errors import FormatError
 from . import Checkpoint, LazyTensors, to_meta_name
 
-try:
-    import gguf
-    from gguf import GGMLQuantizationType as QT
-except ImportError as e:  # pragma: no cover - gguf is a hard dependency
-    raise ImportError("llamarun needs the 'gguf' package: pip install gguf") from e
+
+class QT(enum.IntEnum):
+    """The tensor types handled in torch here, with ggml's ids (``gguf.GGMLQuantizationType``'s values:
+    members of either enum compare and hash equal by id). Other types come from :func:`tensor_type`."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+    BF16 = 30
+
+
+# (elements, bytes) per block, as gguf.GGML_QUANT_SIZES has them.
+_SIZES = {QT.F32: (1, 4), QT.F16: (1, 2), QT.Q4_0: (32, 18), QT.Q4_1: (32, 20), QT.Q8_0: (32, 34), QT.BF16: (1, 2)}
+GGUF_DEFAULT_ALIGNMENT = 32
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - gguf is a hard dependency
+        raise ImportError("llamarun needs the 'gguf' package: pip install gguf") from e
+    return gguf
+
+
+def tensor_type(type_id: int) -> tuple[enum.IntEnum, int, int]:
+    """A ggml type id -> (its enum member, elements per block, bytes per block); ValueError if unknown."""
+    if type_id in QT._value2member_map_:
+        qt = QT(type_id)
+        return (qt, *_SIZES[qt])
+    gguf = _gguf()
+    qt = gguf.GGMLQuantizationType(type_id)
+    return (qt, *gguf.GGML_QUANT_SIZES[qt])
+
 
 # GGUF name -> Meta name. Per-layer names are matched with a regex below.
 _GLOBAL_NAMES = {
@@ -46,12 +80,12 @@ _LAYER_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
-# Tensor types we can turn into floats: the ones done in torch below plus gguf.quants' dequantizers.
+# Tensor types we can turn into floats (by name): the ones done in torch below plus gguf.quants' dequantizers.
 SUPPORTED_TYPES = {
-    QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-    QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-    QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M, QT.IQ4_NL, QT.IQ4_XS,
-    QT.TQ1_0, QT.TQ2_0,
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS",
+    "TQ1_0", "TQ2_0",
 }
 
 
@@ -72,7 +106,7 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]  # torch order: [out, in]
-    tensor_type: QT
+    tensor_type: enum.IntEnum  # QT, or gguf.GGMLQuantizationType for the less common types
     path: Path
     offset: int
     nbytes: int
@@ -181,12 +215,11 @@ def open_reader(path: str | Path) -> GGUFFile:
             name = cur.string()
             dims = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
             infos.append((name, dims, cur.scalar("<I"), cur.scalar("<Q")))
-        align = int(meta.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        align = int(meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
         data_start = -(-cur.pos // align) * align
         tensors = []
         for name, dims, qtype, offset in infos:
-            qt = QT(qtype)
-            block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qt]
+            qt, block_elems, block_bytes = tensor_type(qtype)
             n_elems = int(np.prod(dims))
             nbytes = n_elems // block_elems * block_bytes
             begin = data_start + offset
@@ -217,7 +250,7 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
+def dequantize(data: np.ndarray, qtype: enum.IntEnum, shape: tuple[int, ...]) -> torch.Tensor:
     """One GGUF tensor's raw bytes to a float tensor of ``shape`` (torch order, [out, in]).
 
     F32/F16/BF16 keep their dtype (a view of ``data``, no copy); quantized types become float32.
@@ -229,8 +262,7 @@ def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Ten
     if qtype == QT.BF16:
         return _tensor(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
     if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        raw = _tensor(data).reshape(-1, block_bytes)
+        raw = _tensor(data).reshape(-1, _SIZES[qtype][1])
         if qtype == QT.Q8_0:  # [d: f16][32 x int8]
             q = raw[:, 2:].view(torch.int8).float()
             out = q * _f16_column(raw, 0)
@@ -241,7 +273,8 @@ def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Ten
             d = _f16_column(raw, 0)
             out = (q - 8.0) * d if qtype == QT.Q4_0 else q * d + _f16_column(raw, 2)
         return out.reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), qtype)).reshape(shape)
+    gguf = _gguf()
+    return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(qtype))).reshape(shape)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -266,7 +299,7 @@ def load(path: str | Path) -> Checkpoint:
         meta_name = gguf_to_meta_name(name)
         if meta_name is None:
             continue
-        if t.tensor_type not in SUPPORTED_TYPES:
+        if t.tensor_type.name not in SUPPORTED_TYPES:
             raise FormatError(f"{path}: tensor {name} has unsupported type {t.tensor_type.name}")
         types[meta_name] = t.tensor_type.name
         native[meta_name] = t
