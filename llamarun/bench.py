@@ -25,6 +25,7 @@ def run_bench(llm, args) -> dict:
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
+        "prefill_gemm_dtype": str(llm.dense_dtype or llm.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }
@@ -50,8 +51,10 @@ def run_bench(llm, args) -> dict:
 
 def format_report(r: dict) -> str:
     """A few human-readable lines."""
+    gemm = r.get("prefill_gemm_dtype", r["dtype"])
+    gemm = "" if gemm == r["dtype"] else f" ({gemm} prefill GEMMs)"
     lines = [f"model   {r['model']}",
-             f"device  {r['device']} {r['mode']}, activations {r['dtype']}, KV cache {r['kv_dtype']} "
+             f"device  {r['device']} {r['mode']}, activations {r['dtype']}{gemm}, KV cache {r['kv_dtype']} "
              f"({r['threads']} threads, {r['cpu']})",
              f"load    {r['load_s']:.2f} s"]
     lines += [f"prefill {n:>5} tokens  {v:8.1f} tok/s" for n, v in r["prefill"].items()]

@@ -1,7 +1,9 @@
 """Picking the device, dtype and thread count, so users never have to.
 
 ``auto`` means: cuda, then mps, then cpu; bf16 on GPUs that support it, fp16 on older ones; on CPU,
-float32 unless the processor has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 is faster.
+float32 unless the processor has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 is faster
+(``Llama.load`` then keeps a quantized model's activations float32, for the decode kernels, and uses bf16
+in its prefill GEMMs only).
 """
 
 from __future__ import annotations

@@ -32,6 +32,19 @@ from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
 
 
+def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torch.dtype, quantize: str) -> torch.dtype | None:
+    """bfloat16 when a quantized model on a CPU with native bf16 would get bf16 activations from
+    ``dtype='auto'``: the model then runs in float32 instead, so decode steps keep the integer kernels and
+    the fused float32 path (bf16 activations would send every step through torch's per-op code), and only
+    the quantized layers' large-batch GEMMs (prefill) use bf16. None: keep ``dtype`` as it is."""
+    from . import kernels
+
+    if (requested in (None, "auto") and device.type == "cpu" and dtype == torch.bfloat16 and quantize != "none"
+            and kernels.available()):
+        return torch.bfloat16
+    return None
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
     """Run torch's CPU ops on one thread inside: sampling's ops over a 32-49K vocabulary are too small to
@@ -250,6 +263,13 @@ class Llama:
     def dtype(self) -> torch.dtype:
         return self.model.tok_embeddings.weight.dtype
 
+    @property
+    def dense_dtype(self) -> torch.dtype | None:
+        """The quantized layers' prefill (large-batch) GEMM dtype, or None for an unquantized model."""
+        from .quantize import QuantizedLinear
+
+        return next((m.dense_dtype for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
+
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", dtype: str = "auto",
              max_seq_len: int | None = None, max_batch_size: int | None = None, threads: int | None = None,
@@ -263,8 +283,9 @@ class Llama:
         a mode. ``memory`` (bytes) overrides the budget the device reports. The context defaults to the
         model's, capped at 4096 tokens (``max_seq_len`` raises it); ``max_batch_size`` (default 1 for the plan,
         no limit for generation) is what the plan reserves KV cache for. ``kv_dtype`` is the KV cache's dtype
-        (``auto``: float16 under float32 math on a CPU, else the model's dtype). Raises RuntimeFailure, before
-        allocating, when nothing fits.
+        (``auto``: float16 under float32 math on a CPU, else the model's dtype). ``dtype='auto'`` on a CPU with
+        native bf16 (AVX512-BF16, AMX) gives a quantized model float32 activations with bf16 prefill GEMMs
+        (``dense_dtype``), an unquantized one bf16. Raises RuntimeFailure, before allocating, when nothing fits.
         """
         from .device import pick_kv_dtype
         from .memory import make_plan, native_quantization
@@ -279,13 +300,31 @@ class Llama:
         from .quantize import is_quantized_checkpoint
 
         if path is not None and is_quantized_checkpoint(path):
-            return cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory, t0,
-                                            kv)
+            dense = _dense_dtype(dtype, dev, dt, "int8")  # a llamarun-quantized file is int8/int4 throughout
+            if dense is not None:
+                dt = torch.float32
+                kv = pick_kv_dtype(kv_dtype, dev, dt)
+            llm = cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory,
+                                           t0, kv)
+            if dense is not None:
+                from .quantize import set_dense_dtype
+
+                set_dense_dtype(llm.model, dense)
+            return llm
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-        plan = make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
-                         quantize=quantize, group_size=group_size, offload_layers=offload_layers,
-                         kv_dtype=kv, **native_quantization(ckpt))
+
+        def plan_for(dt: torch.dtype, kv: torch.dtype):
+            return make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
+                             quantize=quantize, group_size=group_size, offload_layers=offload_layers,
+                             kv_dtype=kv, **native_quantization(ckpt))
+
+        plan = plan_for(dt, kv)
+        dense = _dense_dtype(dtype, dev, dt, plan.quantize)
+        if dense is not None:  # quantized on a bf16 CPU: float32 activations, bf16 only in the prefill GEMMs
+            dt = torch.float32
+            kv = pick_kv_dtype(kv_dtype, dev, dt)
+            plan = plan_for(dt, kv)
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":
@@ -296,6 +335,10 @@ class Llama:
                 model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size)
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
+            if dense is not None:
+                from .quantize import set_dense_dtype
+
+                set_dense_dtype(model, dense)
         llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv)
         llm.plan = plan
         return llm

@@ -94,6 +94,41 @@ def test_kv_cache_dtype(monkeypatch):
     assert Llama(tiny_llama().model, IdTokenizer(50)).kv_dtype == torch.float32
 
 
+@pytest.mark.skipif(not __import__("llamarun").kernels.available(), reason="needs the CPU kernels")
+def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
+    """On a CPU with native bf16 (simulated here), dtype 'auto' gives the quantized default model float32
+    activations (the decode kernels and the one-op layer stack still run) and bf16 GEMMs on the prefill
+    path only, whose logits stay close to float32's; an explicit dtype is kept as asked."""
+    from llamarun import device
+    from llamarun.quantize import QuantizedLinear
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    llm = Llama.load(None)
+    assert (llm.dtype, llm.dense_dtype, llm.kv_dtype) == (torch.float32, torch.bfloat16, torch.float16)
+    assert (llm.plan.dtype, llm.plan.kv_dtype) == ("float32", "float16")
+    prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 6)
+    assert len(prompt) >= 64  # the int4 layers' dense (GEMM) path
+    tokens = torch.tensor([prompt])
+    with torch.inference_mode():
+        llm.model.setup_cache(1, len(prompt) + 1)
+        bf16 = llm.model(tokens, 0)[0]
+        for m in llm.model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.dense_dtype = torch.float32
+        fp32 = llm.model(tokens, 0)[0]
+    assert not torch.equal(bf16, fp32)  # the GEMMs did change
+    assert torch.equal(bf16.argmax(-1)[-8:], fp32.argmax(-1)[-8:])
+    assert (bf16 - fp32).abs().max() < 1.0 and F.cosine_similarity(bf16, fp32, dim=-1).min() > 0.995
+    out = llm.generate([prompt[:5]], 3, temperature=0)
+    assert len(out[0][0]) == 3 and llm.model._decode_stack(1) is not None  # decode: the fused float32 path
+    assert Llama.load(None, dtype="float32").dense_dtype == torch.float32
+    from llamarun.cli import _gemm_note
+
+    assert _gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16"}) == " (bfloat16 prefill GEMMs)"
+    assert _gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32"}) == ""
+    assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
+
+
 def test_temperature_zero_is_argmax():
     llm = tiny_llama()
     prompt = [3, 7, 11]
