@@ -101,11 +101,18 @@ def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch
     """:func:`filtered_probs` restricted to the CANDIDATES most likely tokens: (probabilities [B, k], not
     renormalised, and their token ids [B, k]), or None when the filters might keep a token outside them.
     Sorting a 49K vocabulary for top-p costs ~4 ms and a multinomial draw over it ~1.5 ms, half of a small
-    model's decode step; top-k + logsumexp cost ~0.3 ms."""
-    scaled = logits.float() / params.temperature
+    model's decode step; the candidates cost ~0.1 ms (the ``top_candidates`` kernel; torch.topk +
+    logsumexp, without the kernels, ~0.33 ms)."""
     k = min(CANDIDATES, params.top_k) if params.top_k else CANDIDATES
-    vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
-    p = torch.exp(vals - torch.logsumexp(scaled, dim=-1, keepdim=True))  # the candidates' true probabilities
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
+        # One kernel: ~0.1 ms instead of torch.topk + logsumexp's ~0.33 ms on a 49K vocabulary.
+        vals, idx, logz = torch.ops.llamarun.top_candidates(logits.contiguous(), k, params.temperature)
+        logz = logz[:, None]
+    else:
+        scaled = logits.float() / params.temperature
+        vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
+        logz = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    p = torch.exp(vals - logz)  # the candidates' true probabilities
     covered = torch.full(p.shape[:1], bool(params.top_k) and params.top_k <= k)  # top-k keeps only these
     if params.min_p > 0:
         floor = params.min_p * p[:, :1]
