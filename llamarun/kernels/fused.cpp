@@ -488,17 +488,19 @@ std::vector<at::Tensor> top_candidates(const at::Tensor& x, int64_t k, double te
       m = std::max(m, r[i]);
     }
     const float ms = m / t;
-    float sum = 0.0f;
+    double sum = 0.0;  // float partial sums of 256 terms, added in double: a 49K-term float sum drifts ~1e-5
     i = 0;
 #ifdef FUSED_AVX2
     const __m256 vt = _mm256_set1_ps(t), vms = _mm256_set1_ps(ms);
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= V; i += 8)
-      acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(r + i), vt), vms)));
-    sum = hsum8(acc);
+    while (i + 8 <= V) {
+      __m256 acc = _mm256_setzero_ps();
+      for (const int64_t end = std::min(V - V % 8, i + 256); i < end; i += 8)
+        acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(r + i), vt), vms)));
+      sum += hsum8(acc);
+    }
 #endif
     for (; i < V; ++i) sum += std::exp(r[i] / t - ms);
-    logz.data_ptr<float>()[b] = nan ? std::numeric_limits<float>::quiet_NaN() : ms + std::log(sum);
+    logz.data_ptr<float>()[b] = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(ms + std::log(sum));
     // The k largest: the first k, then only values above the heap's smallest get in (8 compared at once).
     heap.clear();
     for (i = 0; i < k; ++i) heap.emplace_back(r[i], i);
