@@ -307,8 +307,9 @@ def test_save_load_round_trip_tiny(tmp_path, tie):
     assert Q.describe_quantization(loaded.model) == Q.describe_quantization(model)
 
 
-def test_save_load_round_trip_smollm2(llm, fp32, tmp_path, default_model_path):
-    """The real model, int4 straight from the GGUF: identical logits, and the tokenizer comes along."""
+def test_save_load_round_trip_smollm2(llm, fp32, tmp_path, default_model_path, monkeypatch):
+    """The real model, int4 straight from the GGUF: identical logits, and the tokenizer comes along; on a
+    CPU with native bf16 (simulated) it loads with float32 activations and bf16 prefill GEMMs."""
     model = Q.build_quantized_model(llm.checkpoint, "int4")
     out = Q.save_quantized(model, llm.args, default_model_path, tmp_path / "smol-int4.safetensors")
     loaded = Q.load_quantized(out)
@@ -319,6 +320,13 @@ def test_save_load_round_trip_smollm2(llm, fp32, tmp_path, default_model_path):
         assert torch.equal(loaded.model(tokens), model(tokens))
     size = out.stat().st_size
     assert size < 0.2 * Q.model_nbytes(fp32), size  # vs float32
+    from llamarun import Llama, device
+
+    assert Llama.load(out).dense_dtype == torch.float32
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    bf16_cpu = Llama.load(out)
+    want = (torch.float32, torch.bfloat16) if kernels.available() else (torch.bfloat16, torch.float32)
+    assert (bf16_cpu.dtype, bf16_cpu.dense_dtype) == want  # without the kernels: bf16 activations, as before
 
 
 def test_cli_subcommand(tmp_path, capsys, default_model_path):
