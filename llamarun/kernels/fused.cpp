@@ -141,6 +141,37 @@ void check_f32(const at::Tensor& t, const char* name) {
               " must be a contiguous float32 CPU tensor");
 }
 
+// The maximum of r[0..n) (n >= 1), and in *nan whether any value is NaN (the maximum is then meaningless):
+// 4 independent vector accumulators, so the loop is not one chain of dependent instructions.
+float row_max(const float* r, int64_t n, bool* nan) {
+  float m = r[0];
+  bool any_nan = false;
+  int64_t i = 0;
+#ifdef FUSED_AVX2
+  if (n >= 32) {
+    __m256 vm[4], un = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) vm[j] = _mm256_loadu_ps(r + 8 * j);
+    for (; i + 32 <= n; i += 32) {
+      for (int j = 0; j < 4; ++j) {
+        const __m256 v = _mm256_loadu_ps(r + i + 8 * j);
+        vm[j] = _mm256_max_ps(vm[j], v);
+        un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+    }
+    any_nan = _mm256_movemask_ps(un) != 0;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(vm[0], vm[1]), _mm256_max_ps(vm[2], vm[3])));
+    for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]);
+  }
+#endif
+  for (; i < n; ++i) {
+    any_nan |= std::isnan(r[i]);
+    m = std::max(m, r[i]);
+  }
+  *nan = any_nan;
+  return m;
+}
+
 // Rows per parallel chunk: enough work (~16K elements) that handing it to a helper pays off.
 int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_elems)); }
 
@@ -390,8 +421,8 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
 
 // torch.argmax(x, -1) for float32 rows: the first index of the maximum, or of the first NaN (torch treats
 // NaN as the maximum). torch's CPU argmax is scalar: ~70-100 us for a 32-49K vocabulary, ~4% of a small
-// model's decode step. Here: a vectorized max (4 independent accumulators, so the loop is not one chain
-// of dependent instructions), then a vectorized scan for its first position: ~3 us for 32K.
+// model's decode step. Here: a vectorized max (row_max), then a vectorized scan for its first position:
+// ~3 us for 32K.
 at::Tensor argmax(const at::Tensor& x) {
   check_f32(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "argmax takes [B, V] with V > 0");
@@ -400,31 +431,8 @@ at::Tensor argmax(const at::Tensor& x) {
   int64_t* O = out.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x.data_ptr<float>() + b * V;
-    float m = r[0];
-    bool nan = false;
-    int64_t i = 0;
-#ifdef FUSED_AVX2
-    if (V >= 32) {
-      __m256 vm[4], un = _mm256_setzero_ps();
-      for (int j = 0; j < 4; ++j) vm[j] = _mm256_loadu_ps(r + 8 * j);
-      for (i = 0; i + 32 <= V; i += 32) {
-        for (int j = 0; j < 4; ++j) {
-          const __m256 v = _mm256_loadu_ps(r + i + 8 * j);
-          vm[j] = _mm256_max_ps(vm[j], v);
-          un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        }
-      }
-      nan = _mm256_movemask_ps(un) != 0;
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(vm[0], vm[1]), _mm256_max_ps(vm[2], vm[3])));
-      m = lanes[0];
-      for (int j = 1; j < 8; ++j) m = std::max(m, lanes[j]);
-    }
-#endif
-    for (; i < V; ++i) {
-      nan |= std::isnan(r[i]);
-      m = std::max(m, r[i]);
-    }
+    bool nan;
+    const float m = row_max(r, V, &nan);
     int64_t at = 0;
     if (nan) {
       while (!std::isnan(r[at])) ++at;
@@ -466,30 +474,10 @@ std::vector<at::Tensor> top_candidates(const at::Tensor& x, int64_t k, double te
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x.data_ptr<float>() + b * V;
     // max, then sum of exp(x/t - max/t): division is monotonic, so max(x)/t is the max of x/t.
-    float m = r[0];
-    bool nan = false;
-    int64_t i = 0;
-#ifdef FUSED_AVX2
-    if (V >= 8) {
-      __m256 vm = _mm256_loadu_ps(r), un = _mm256_cmp_ps(vm, vm, _CMP_UNORD_Q);
-      for (i = 8; i + 8 <= V; i += 8) {
-        const __m256 v = _mm256_loadu_ps(r + i);
-        vm = _mm256_max_ps(vm, v);
-        un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      }
-      nan = _mm256_movemask_ps(un) != 0;
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, vm);
-      for (int j = 0; j < 8; ++j) m = std::max(m, lanes[j]);
-    }
-#endif
-    for (; i < V; ++i) {
-      nan |= std::isnan(r[i]);
-      m = std::max(m, r[i]);
-    }
-    const float ms = m / t;
+    bool nan;
+    const float ms = row_max(r, V, &nan) / t;
     double sum = 0.0;  // float partial sums of 256 terms, added in double: a 49K-term float sum drifts ~1e-5
-    i = 0;
+    int64_t i = 0;
 #ifdef FUSED_AVX2
     const __m256 vt = _mm256_set1_ps(t), vms = _mm256_set1_ps(ms);
     while (i + 8 <= V) {
