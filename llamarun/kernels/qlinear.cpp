@@ -154,11 +154,14 @@ class Pool {
     }
   }
 
-  std::atomic<uint64_t> state_{0};       // generation << 32 | next chunk to claim
-  std::atomic<int64_t> done_{0};         // chunks finished by helpers
-  std::atomic<int> sleepers_{0};
+  // Three cache lines: the job (claimed chunk by chunk), the helpers' finished count (which the caller
+  // spins on) and the sleepers. Sharing one line, every claim took the line from under the spinning
+  // caller: a two-chunk product's hand-off cost ~2.3 us instead of ~0.5 us (hot weights, 2 threads).
+  alignas(64) std::atomic<uint64_t> state_{0};  // generation << 32 | next chunk to claim
   std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
   std::atomic<int64_t> total_{0};
+  alignas(64) std::atomic<int64_t> done_{0};  // chunks finished by helpers
+  alignas(64) std::atomic<int> sleepers_{0};
   int helpers_ = 0;
   pid_t pid_;
   std::mutex mu_;
