@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                    # kernels (M = 1, 8, 512) + model decode (batch 1, 8)
     python benchmarks/kernels.py --no-model         # kernels only
     python benchmarks/kernels.py --no-kernels -M 1  # model decode only, batch 1
+    python benchmarks/kernels.py --no-kernels --no-model --handoff  # the thread pool's hand-off cost
 
 Kernels: for each SmolLM2-135M linear shape, y = x @ W^T at M activation rows, with the weights of every
 variant in several copies (> 2x the L3 cache together) that the timing loop cycles through, so weights
@@ -189,6 +190,29 @@ def prefill_bench(lengths: list[int], modes: list[str], rounds: int) -> None:
         print("  " + "  ".join(f"{m}: {n / t:7.1f} tok/s" for m, t in best.items()) + f"   ({n} tokens)")
 
 
+def handoff_table(rounds: int) -> None:
+    """What handing work to the pool's helper costs: a float32 product small enough to stay in L2, split in
+    2 / 5 / 8 chunks, timed on 1 and 2 kernel threads. The call's own cost c (an 8-row product, which
+    runs inline) is paid once either way and the work halves at best, so handoff = t2 - (c + (t1 - c) / 2)."""
+    ops = kernels.ops()
+    tiny_w, x = torch.randn(8, 288), torch.randn(1, 288)
+    call = min(_timeit(lambda i: ops.f32_linear(x, tiny_w), 1, 2000) for _ in range(rounds)) * 1e6
+    print("\npool hand-off (float32 x @ W^T, one row, hot weights, 2 threads vs 1)")
+    print(f"call overhead (8 rows, inline): {call:.2f} us")
+    print(f"{'rows x K':>10} {'chunks':>6} {'1 thread us':>12} {'2 threads us':>13} {'handoff us':>11}")
+    for rows in (112, 288, 864):
+        w = torch.randn(rows, 288)
+        best = {}
+        for _ in range(rounds):
+            for t in (1, 2):
+                kernels.set_num_threads(t)
+                best[t] = min(best.get(t, float("inf")), _timeit(lambda i: ops.f32_linear(x, w), 1, 2000))
+        kernels.set_num_threads(None)
+        chunks = min(rows // (16384 // 288), 8)  # as qlinear.cpp's parallel_rows splits it
+        t1, t2 = best[1] * 1e6, best[2] * 1e6
+        print(f"{rows:>6} x 288 {chunks:>6} {t1:>12.2f} {t2:>13.2f} {t2 - (call + (t1 - call) / 2):>11.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-M", type=int, nargs="+", default=[1, 8, 512], help="activation rows for the kernel table")
@@ -204,6 +228,7 @@ def main() -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip x@Wt and torch's packed kernels")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--no-model", action="store_true")
+    p.add_argument("--handoff", action="store_true", help="also time the thread pool's hand-off on small products")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -213,6 +238,8 @@ def main() -> None:
         model_decode(a.batch, a.modes, a.steps, a.rounds, a.configs)
     if a.prefill:
         prefill_bench(a.prefill, a.modes, a.rounds)
+    if a.handoff:
+        handoff_table(a.rounds)
 
 
 if __name__ == "__main__":

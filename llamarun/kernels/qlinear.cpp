@@ -156,7 +156,7 @@ class Pool {
 
   // Three cache lines: the job (claimed chunk by chunk), the helpers' finished count (which the caller
   // spins on) and the sleepers. Sharing one line, every claim took the line from under the spinning
-  // caller: a two-chunk product's hand-off cost ~2.3 us instead of ~0.5 us (hot weights, 2 threads).
+  // caller (stories15M fp32 decode step on 2 threads, 4 interleaved pairs: median 2.72 -> 2.48 ms).
   alignas(64) std::atomic<uint64_t> state_{0};  // generation << 32 | next chunk to claim
   std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
   std::atomic<int64_t> total_{0};

@@ -1,0 +1,27 @@
+"""benchmarks/kernels.py: the thread pool's hand-off table runs, prints one row per product size, and leaves
+the kernels following torch's thread count again. Timings themselves are never asserted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script
+from llamarun import kernels
+
+bench = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py", "llamarun_bench_kernels")
+
+
+@pytest.mark.skipif(not kernels.available(), reason="llamarun kernels not built here")
+def test_handoff_table_rows_and_thread_reset(capsys):
+    bench.handoff_table(rounds=1)
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith("call overhead")
+    rows = [line.split() for line in out if "x 288" in line]
+    assert [r[0] for r in rows] == ["112", "288", "864"]
+    assert [int(r[3]) for r in rows] == [2, 5, 8]  # chunks, as parallel_rows splits these products
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    # Left following torch's thread count (0), not pinned to the 1 or 2 threads it measured with.
+    assert torch.ops.llamarun.set_num_threads(0) == 0
