@@ -60,7 +60,7 @@ STORIES15M = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, 
                   max_seq_len=256)
 BOS = 1  # run.c hard-codes it, and stops generating when it samples it
 SEED = 0
-DECODE_PROMPT_LEN = 16  # llamarun bench's decode prompt (tokens)
+DECODE_PROMPT_LEN = 16  # llamarun bench's decode prompt (tokens): llamarun.bench.DECODE_PROMPT
 LLAMARUN_MODES = ("none", "int8", "int4")
 MODE_LABEL = {"none": "fp32", "int8": "int8", "int4": "int4"}
 

@@ -18,9 +18,29 @@ def peak_rss_mib() -> float:
     return peak_rss_bytes() / 2**20
 
 
+DECODE_PROMPT = 16  # tokens of prompt per row before the timed decode
+
+
+def check_fits(llm, args) -> None:
+    """Refuse (UsageError) a prefill length or decode run the loaded model's context cannot hold, instead
+    of leaving its line out of the report."""
+    from .errors import UsageError
+
+    ctx = llm.max_seq_len
+    for n in args.prefill:
+        if n + 1 > ctx:  # the prompt and the one token it is timed up to
+            raise UsageError(f"--prefill {n} does not fit the context of {ctx} tokens (raise --max-seq-len "
+                             f"or use a shorter length)")
+    if DECODE_PROMPT + args.decode_tokens + 1 > ctx:
+        raise UsageError(f"--decode-tokens {args.decode_tokens} after a {DECODE_PROMPT}-token prompt does not "
+                         f"fit the context of {ctx} tokens (raise --max-seq-len or decode fewer)")
+
+
 def run_bench(llm, args) -> dict:
     """Measure a loaded model with the options of ``llamarun bench`` (an argparse namespace)."""
     from .sampling import SamplingParams
+
+    check_fits(llm, args)
 
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
@@ -38,12 +58,10 @@ def run_bench(llm, args) -> dict:
 
     llm.generate(random_prompts(1, 8), 2, sampling=greedy, ignore_eos=True)  # warm-up
     for n in args.prefill:
-        if n + 1 > llm.max_seq_len:
-            continue
         llm.generate(random_prompts(1, n), 1, sampling=greedy, ignore_eos=True)
         report["prefill"][str(n)] = round(llm.stats.prefill_tok_s, 1)
     for b in args.batch:
-        llm.generate(random_prompts(b, 16), args.decode_tokens + 1, sampling=greedy, ignore_eos=True)
+        llm.generate(random_prompts(b, DECODE_PROMPT), args.decode_tokens + 1, sampling=greedy, ignore_eos=True)
         report["decode"][str(b)] = round(llm.stats.decode_tok_s, 1)
     report["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return report

@@ -209,6 +209,39 @@ def test_prompt_longer_than_context(tmp_path):
     assert_one_line_error(run_cli("generate", "-m", str(model), "x" * 100), 2, "context length 64")
 
 
+def test_bench_json_report(tmp_path):
+    """``llamarun bench --json``: every requested prefill length and batch size is measured and reported."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    proc = run_cli("bench", "-m", str(model), "--prefill", "8", "24", "--batch", "1", "3", "--decode-tokens", "4",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert set(r["prefill"]) == {"8", "24"} and set(r["decode"]) == {"1", "3"}
+    assert all(v > 0 for v in [*r["prefill"].values(), *r["decode"].values(), r["load_s"], r["peak_rss_mib"]])
+    assert r["model"] == str(model) and r["device"] == "cpu"
+
+
+def test_bench_text_report(tmp_path):
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    proc = run_cli("bench", "-m", str(model), "--prefill", "8", "--batch", "2", "--decode-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"model   {model}"
+    assert any(line.startswith("prefill     8 tokens") for line in lines)
+    assert any(line.startswith("decode  batch   2") for line in lines)
+    assert lines[-1].startswith("peak RSS ")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prefill", "64"], "--prefill 64 does not fit the context of 64 tokens"),
+    (["--prefill", "8", "--decode-tokens", "48"], "--decode-tokens 48 after a 16-token prompt does not fit"),
+])
+def test_bench_sizes_beyond_the_context(tmp_path, args, needle):
+    """A length the context cannot hold is a usage error, not a line silently left out of the report."""
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")  # context 64
+    assert_one_line_error(run_cli("bench", "-m", str(model), *args), 2, needle)
+
+
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0

@@ -71,6 +71,22 @@ def test_q80_checkpoint_for_runq(tmp_path):
     assert "Q8_0" in ckpt.tensor_types.values()
 
 
+def test_decode_steps_fill_the_context_exactly():
+    """The script sizes llamarun's decode run with llamarun bench's prompt length: prompt + decode tokens
+    + the prefill's token = the steps run.c runs, which llamarun bench accepts for a 256-token context."""
+    from types import SimpleNamespace
+
+    from llamarun.bench import DECODE_PROMPT, check_fits
+    from llamarun.errors import UsageError
+
+    assert bench.DECODE_PROMPT_LEN == DECODE_PROMPT
+    llm = SimpleNamespace(max_seq_len=bench.STORIES15M["max_seq_len"])
+    steps = llm.max_seq_len
+    check_fits(llm, SimpleNamespace(prefill=[8], decode_tokens=steps - bench.DECODE_PROMPT_LEN - 1))
+    with pytest.raises(UsageError, match="does not fit the context of 256 tokens"):
+        check_fits(llm, SimpleNamespace(prefill=[8], decode_tokens=steps - bench.DECODE_PROMPT_LEN))
+
+
 @pytest.mark.parametrize("args, expected", [
     ((), "--runc PATH is required"),
     (("--runc", "/nonexistent/run"), "no such file"),
