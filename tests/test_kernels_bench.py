@@ -21,7 +21,7 @@ def test_handoff_table_rows_and_thread_reset(capsys):
     assert out[2].startswith("call overhead")
     rows = [line.split() for line in out if "x 288" in line]
     assert [r[0] for r in rows] == ["112", "288", "864"]
-    assert [int(r[3]) for r in rows] == [2, 5, 8]  # chunks, as parallel_rows splits these products
+    assert [int(r[3]) for r in rows] == [2, 5, 8]  # the table restates qlinear.cpp's rule (64 KB a chunk, <= 8)
     assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
     # Left following torch's thread count (0), not pinned to the 1 or 2 threads it measured with.
     assert torch.ops.llamarun.set_num_threads(0) == 0
