@@ -21,6 +21,18 @@ def peak_rss_mib() -> float:
 DECODE_PROMPT = 16  # tokens of prompt per row before the timed decode
 
 
+def prefill_gemm_dtype(llm) -> str:
+    """The dtype name of the model's prefill matrix products (its ``dense_dtype``, else its activations')."""
+    return str(llm.dense_dtype or llm.dtype).replace("torch.", "")
+
+
+def gemm_note(info: dict) -> str:
+    """' (bfloat16 prefill GEMMs)' where the prefill matrix products run in another dtype than the
+    activations (``info``: a bench report or ``generate``'s stats, with ``dtype`` and ``prefill_gemm_dtype``)."""
+    gemm = info["prefill_gemm_dtype"]
+    return "" if gemm == info["dtype"] else f" ({gemm} prefill GEMMs)"
+
+
 def check_fits(llm, args) -> None:
     """Refuse (UsageError) a prefill length or decode run the loaded model's context cannot hold, instead
     of leaving its line out of the report."""
@@ -45,7 +57,7 @@ def run_bench(llm, args) -> dict:
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": str(llm.dense_dtype or llm.dtype).replace("torch.", ""),
+        "prefill_gemm_dtype": prefill_gemm_dtype(llm),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }
@@ -69,10 +81,8 @@ def run_bench(llm, args) -> dict:
 
 def format_report(r: dict) -> str:
     """A few human-readable lines."""
-    gemm = r.get("prefill_gemm_dtype", r["dtype"])
-    gemm = "" if gemm == r["dtype"] else f" ({gemm} prefill GEMMs)"
     lines = [f"model   {r['model']}",
-             f"device  {r['device']} {r['mode']}, activations {r['dtype']}{gemm}, KV cache {r['kv_dtype']} "
+             f"device  {r['device']} {r['mode']}, activations {r['dtype']}{gemm_note(r)}, KV cache {r['kv_dtype']} "
              f"({r['threads']} threads, {r['cpu']})",
              f"load    {r['load_s']:.2f} s"]
     lines += [f"prefill {n:>5} tokens  {v:8.1f} tok/s" for n, v in r["prefill"].items()]

@@ -147,6 +147,7 @@ def plan_summary(plan) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .bench import gemm_note, prefill_gemm_dtype
     from .sampling import SamplingParams
     from .tokenizer import StreamDecoder
 
@@ -207,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
         "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": str(llm.dense_dtype or llm.dtype).replace("torch.", ""),
+        "prefill_gemm_dtype": prefill_gemm_dtype(llm),
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],
@@ -217,14 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"load {llm.load_s:.2f} s | prefill {stats.prompt_tokens} tok at {stats.prefill_tok_s:.1f} tok/s | "
           f"decode {stats.decode_tokens} tok at {stats.decode_tok_s:.1f} tok/s | {summary['device']} "
           f"{summary['weights']} weights, {summary['dtype']} activations"
-          f"{_gemm_note(summary)}, {summary['kv_dtype']} KV cache", file=sys.stderr)
+          f"{gemm_note(summary)}, {summary['kv_dtype']} KV cache", file=sys.stderr)
     return 0
-
-
-def _gemm_note(summary: dict) -> str:
-    """' (bfloat16 prefill GEMMs)' where the prefill matrix products run in another dtype than the activations."""
-    gemm = summary["prefill_gemm_dtype"]
-    return "" if gemm == summary["dtype"] else f" ({gemm} prefill GEMMs)"
 
 
 def describe(ckpt) -> dict:

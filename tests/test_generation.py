@@ -122,10 +122,10 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     out = llm.generate([prompt[:5]], 3, temperature=0)
     assert len(out[0][0]) == 3 and llm.model._decode_stack(1) is not None  # decode: the fused float32 path
     assert Llama.load(None, dtype="float32").dense_dtype == torch.float32
-    from llamarun.cli import _gemm_note
+    from llamarun.bench import gemm_note
 
-    assert _gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16"}) == " (bfloat16 prefill GEMMs)"
-    assert _gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32"}) == ""
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16"}) == " (bfloat16 prefill GEMMs)"
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32"}) == ""
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
 
 
