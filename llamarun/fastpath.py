@@ -117,10 +117,9 @@ class FastTransformer(Transformer):
         return super()._apply(fn, *args, **kwargs)
 
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        before = (self.cache_shape, self.cache_dtype)
+        if not self.cache_fits(batch, max_seq_len, dtype):
+            self._stacks = None  # they hold the old cache: let it go before the new one is allocated
         super().setup_cache(batch, max_seq_len, dtype)
-        if (self.cache_shape, self.cache_dtype) != before:  # new cache tensors
-            self._stacks = None
 
     def free_cache(self) -> None:
         self._stacks = None

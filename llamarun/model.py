@@ -198,13 +198,22 @@ class Transformer(nn.Module):
         self.cache_shape: tuple[int, int] = (0, 0)  # (batch, max_seq_len) of the current KV cache
         self.cache_dtype: torch.dtype | None = None
 
+    def cache_fits(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> bool:
+        """Does the current KV cache serve ``batch`` rows of ``max_seq_len`` tokens in ``dtype`` (default:
+        the embedding's floating dtype)?"""
+        return (batch <= self.cache_shape[0] and max_seq_len <= self.cache_shape[1]
+                and self._cache_dtype(dtype) == self.cache_dtype)
+
+    def _cache_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        ref = self.tok_embeddings.weight
+        return dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+
     def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache for ``batch`` rows of up to ``max_seq_len`` tokens (reused when big enough
         and of the same dtype). ``dtype`` defaults to the embedding's floating dtype."""
-        ref = self.tok_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
-        if batch <= self.cache_shape[0] and max_seq_len <= self.cache_shape[1] and dtype == self.cache_dtype:
+        if self.cache_fits(batch, max_seq_len, dtype):
             return
+        ref, dtype = self.tok_embeddings.weight, self._cache_dtype(dtype)
         for layer in self.layers:
             layer.attention.cache = None  # free the old cache before allocating the new one
             layer.attention.cache = KVCache(batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim,

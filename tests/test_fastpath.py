@@ -160,6 +160,30 @@ def test_decode_stack_follows_the_cache_and_model():
         assert model._stacks is None and model._decode_stack(1) is not None
 
 
+def test_old_cache_is_freed_before_the_new_one_is_allocated(monkeypatch):
+    """Growing the cache drops the gathered op arguments (which hold the old cache) first, so the old and
+    the new cache are never alive together: a batch-16 cache after a batch-8 one costs 16 rows, not 24."""
+    import weakref
+
+    from llamarun import model as model_mod
+
+    model = _tiny_model()
+    fastpath.accelerate(model)
+    with torch.inference_mode():
+        _decode(model, torch.randint(0, 50, (2, 5)))  # gathers the stack, which holds the cache tensors
+        old = [weakref.ref(layer.attention.cache.k) for layer in model.layers]
+        alive_at_alloc = []
+
+        class Recording(KVCache):
+            def __init__(self, *args, **kwargs):
+                alive_at_alloc.append(old[len(alive_at_alloc)]() is not None)
+                super().__init__(*args, **kwargs)
+
+        monkeypatch.setattr(model_mod, "KVCache", Recording)
+        model.setup_cache(4, 32)
+    assert alive_at_alloc == [False, False]  # each layer's old cache was gone when its new one was made
+
+
 def test_hooks_fire_on_the_fast_path():
     """A forward hook anywhere inside the layers (or a global one) sends decode steps through the module
     calls, so it fires every step; without hooks the one-op stack runs again."""
