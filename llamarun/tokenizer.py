@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import codecs
 import heapq
+import itertools
 import json
 import re
 import struct
@@ -216,6 +217,16 @@ _BYTE_ENCODER = bytes_to_unicode()
 _BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
 
 
+def _merge_pairs(merges: list[str]) -> list[tuple[str, ...]]:
+    """GGUF merges ("left right") as (left, right) pairs. Byte-alphabet tokens hold no spaces, so when every
+    merge has exactly one, one join and one split do all ~50k of them (~10 ms against ~100 ms for a split
+    per merge); otherwise each is split at its first space (and BPE rejects what is malformed)."""
+    if set(map(str.count, merges, itertools.repeat(" "))) == {1}:
+        flat = " ".join(merges).split(" ")
+        return list(zip(flat[0::2], flat[1::2]))
+    return [tuple(m.split(" ", 1)) for m in merges]
+
+
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: a ``tokenizers.Tokenizer`` plus the ids and flags the engine needs.
 
@@ -242,21 +253,23 @@ class BPETokenizer(Tokenizer):
         """Build from a GGUF ``gpt2`` vocabulary: tokens, merges, token types and special ids."""
         from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
 
-        tokens = _require_list(meta, "tokenizer.ggml.tokens")
-        merges = _require_list(meta, "tokenizer.ggml.merges")
+        tokens = _require_list(meta, "tokenizer.ggml.tokens", str)
+        merges = _require_list(meta, "tokenizer.ggml.merges", str)
         types = _optional_list(meta, "tokenizer.ggml.token_type", len(tokens), default=NORMAL)
         pre = meta.get("tokenizer.ggml.pre", "default")
 
         # Tokens are stored in GPT-2's byte alphabet, except added tokens, which llama.cpp stores as plain
         # text; spell those in the alphabet too so the BPE model can look them up (as transformers does).
         alphabet = set(_BYTE_DECODER)
-        spelled = [t if set(t) <= alphabet else "".join(_BYTE_ENCODER[b] for b in t.encode("utf-8")) for t in tokens]
-        vocab = {}
-        for i, t in enumerate(spelled):
-            vocab.setdefault(t, i)
+        if set("".join(tokens)) <= alphabet:  # the usual case, tested at C speed (49k tokens: ~5 vs ~25 ms)
+            spelled = tokens
+        else:
+            spelled = [t if set(t) <= alphabet else "".join(_BYTE_ENCODER[b] for b in t.encode("utf-8"))
+                       for t in tokens]
+        # The first id of a duplicated spelling wins: inserted last, in reverse order.
+        vocab = dict(zip(reversed(spelled), range(len(spelled) - 1, -1, -1)))
         try:
-            pairs = [tuple(m.split(" ", 1)) for m in merges]
-            model = models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES)
+            model = models.BPE(vocab, _merge_pairs(merges), ignore_merges=pre in _IGNORE_MERGES)
         except Exception as e:
             raise FormatError(f"GGUF tokenizer.ggml.merges is not a valid BPE merge list ({e})") from None
         backend = Backend(model)
@@ -437,7 +450,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any]) -> "SentencePieceTokenizer":
         """Build from a GGUF ``llama`` vocabulary (tokens, scores, token types, special ids and flags)."""
-        tokens = _require_list(meta, "tokenizer.ggml.tokens")
+        tokens = _require_list(meta, "tokenizer.ggml.tokens", str)
         n = len(tokens)
         scores = _optional_list(meta, "tokenizer.ggml.scores", n, default=0.0)
         types = _optional_list(meta, "tokenizer.ggml.token_type", n, default=NORMAL)
@@ -815,10 +828,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _require_list(meta: dict[str, Any], key: str) -> list:
+def _require_list(meta: dict[str, Any], key: str, item: type | None = None) -> list:
     value = meta.get(key)
     if not isinstance(value, list) or not value:
         raise FormatError(f"GGUF metadata key {key!r} is missing or empty")
+    if item is not None and set(map(type, value)) != {item}:
+        raise FormatError(f"GGUF metadata key {key!r} must be a list of {item.__name__}")
     return value
 
 

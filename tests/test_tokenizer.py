@@ -484,6 +484,29 @@ def test_bad_gguf_metadata():
     assert "tokenizer.ggml.scores" in _error(tokenizer_from_gguf, meta)
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"]}
     assert "tokenizer.ggml.merges" in _error(tokenizer_from_gguf, meta)
+    meta["tokenizer.ggml.merges"] = ["a b", 7]
+    assert "tokenizer.ggml.merges' must be a list of str" in _error(tokenizer_from_gguf, meta)
+    meta["tokenizer.ggml.tokens"] = ["a", 2.5]
+    assert "tokenizer.ggml.tokens' must be a list of str" in _error(tokenizer_from_gguf, meta)
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b c"]}
+    assert "merges" in _error(tokenizer_from_gguf, meta)  # "b c" is not a token
+
+
+def test_gpt2_gguf_vocabulary_and_merges():
+    """The GGUF BPE build: merges split in one pass when each has one space, else one by one (same pairs);
+    a spelling listed twice keeps its first id; a token outside the byte alphabet (llama.cpp stores added
+    tokens as plain text) is spelled in it."""
+    from llamarun.tokenizer import _merge_pairs
+
+    merges = ["a b", "ab c", "Ġ t", "Ġt he"]
+    assert _merge_pairs(merges) == [("a", "b"), ("ab", "c"), ("Ġ", "t"), ("Ġt", "he")]
+    assert _merge_pairs(["a b", "c  d", "e"]) == [("a", "b"), ("c", " d"), ("e",)]  # the per-merge parse
+    tokens = ["a", "b", "c", "ab", "abc", "a", "x y"]  # "a" twice; "x y" holds a space (not in the alphabet)
+    tok = tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                               "tokenizer.ggml.merges": ["a b", "ab c"]})
+    assert tok.encode("abc") == [4] and tok.encode("ab") == [3]
+    assert tok.encode("a") == [0]  # the first id of the duplicated "a"
+    assert tok.backend.token_to_id("xĠy") == 6  # spelled in the byte alphabet
 
 
 def test_llama2c_export_needs_its_layout(tmp_path):
