@@ -13,6 +13,7 @@ are searched for a stop token.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,21 @@ def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside (usable as a decorator). Loading makes ~150k short-lived
+    objects (the vocabulary, its merges, the tensor table), enough to set off a full collection over
+    everything torch imported: 85-95 ms of a ~0.55 s load of the default model, measured in a fresh
+    process. Nothing loading makes is cyclic garbage, so collection waits until it is done."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def default_model_path() -> Path:
@@ -271,6 +287,7 @@ class Llama:
         return next((m.dense_dtype for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
 
     @classmethod
+    @_gc_paused()
     def load(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", dtype: str = "auto",
              max_seq_len: int | None = None, max_batch_size: int | None = None, threads: int | None = None,
              tokenizer_path: str | Path | None = None, quantize: str = "auto", group_size: int | None = None,

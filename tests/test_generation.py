@@ -330,3 +330,31 @@ def test_static_shape_forward_equals_dynamic():
         got += [model(torch.tensor([[7], [8]]), torch.tensor([5 + i]))[:, -1] for i in range(3)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_load_runs_no_garbage_collection_and_restores_the_collector():
+    """Loading the default model makes ~150k short-lived Python objects, which would set off a full
+    collection over everything torch imported (~90 ms); the collector is paused while loading, then
+    switched back on (or left off, if it was off)."""
+    import gc
+
+    collections = []
+
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        Llama.load(device="cpu")
+        during = list(collections)
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            Llama.load(device="cpu")
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        gc.callbacks.remove(count)
+    assert 2 not in during and 1 not in during  # at most the young generation, right after it is back on
