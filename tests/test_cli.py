@@ -277,3 +277,36 @@ def test_gguf_types_outside_the_common_six_go_through_gguf_quants(tmp_path):
             "print(sorted(set(c.tensor_types.values())), 'gguf' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["['F32',", "'Q4_1',", "'Q8_0']", "False"]
+
+
+def test_collector_paused_until_loaded_then_frozen_and_restored(tmp_path, monkeypatch, capsys):
+    """main() runs imports and loading with Python's garbage collector off, freezes what exists once the
+    model is loaded and collects again while generating; afterwards the collector is as it was."""
+    import gc
+
+    from llamarun import cli
+    from llamarun.generation import Llama
+
+    model = write_tiny_gguf(tmp_path / "tiny.gguf")
+    seen = {}
+    load, stream = Llama.load.__func__, Llama.stream
+
+    def recording_load(cls, *a, **k):
+        seen["loading"] = gc.isenabled()
+        return load(cls, *a, **k)
+
+    def recording_stream(self, *a, **k):
+        seen["generating"] = (gc.isenabled(), gc.get_freeze_count() > 0)
+        return stream(self, *a, **k)
+
+    monkeypatch.setattr(Llama, "load", classmethod(recording_load))
+    monkeypatch.setattr(Llama, "stream", recording_stream)
+    assert cli.main(["generate", "-m", str(model), "-n", "2", "-t", "0", "hello"]) == 0
+    assert seen == {"loading": False, "generating": (True, True)}
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        assert cli.main(["generate", "-m", str(model), "-n", "2", "-t", "0", "hello"]) == 0
+        assert not gc.isenabled() and gc.get_freeze_count() == 0  # left off, as it was
+    finally:
+        gc.enable()
