@@ -67,7 +67,7 @@ def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
 def _gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off inside (usable as a decorator). Loading makes ~150k short-lived
     objects (the vocabulary, its merges, the tensor table), enough to set off a full collection over
-    everything torch imported: 85-95 ms of a ~0.55 s load of the default model, measured in a fresh
+    everything torch imported: 84-100 ms of a ~0.6 s load of the default model, measured in a fresh
     process. Nothing loading makes is cyclic garbage, so collection waits until it is done."""
     enabled = gc.isenabled()
     gc.disable()

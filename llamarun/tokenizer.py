@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import codecs
 import heapq
-import itertools
 import json
 import re
 import struct
@@ -217,16 +216,6 @@ _BYTE_ENCODER = bytes_to_unicode()
 _BYTE_DECODER = {c: b for b, c in _BYTE_ENCODER.items()}
 
 
-def _merge_pairs(merges: list[str]) -> list[tuple[str, ...]]:
-    """GGUF merges ("left right") as (left, right) pairs. Byte-alphabet tokens hold no spaces, so when every
-    merge has exactly one, one join and one split do all ~50k of them (~10 ms against ~100 ms for a split
-    per merge); otherwise each is split at its first space (and BPE rejects what is malformed)."""
-    if set(map(str.count, merges, itertools.repeat(" "))) == {1}:
-        flat = " ".join(merges).split(" ")
-        return list(zip(flat[0::2], flat[1::2]))
-    return [tuple(m.split(" ", 1)) for m in merges]
-
-
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: a ``tokenizers.Tokenizer`` plus the ids and flags the engine needs.
 
@@ -261,15 +250,17 @@ class BPETokenizer(Tokenizer):
         # Tokens are stored in GPT-2's byte alphabet, except added tokens, which llama.cpp stores as plain
         # text; spell those in the alphabet too so the BPE model can look them up (as transformers does).
         alphabet = set(_BYTE_DECODER)
-        if set("".join(tokens)) <= alphabet:  # the usual case, tested at C speed (49k tokens: ~5 vs ~25 ms)
+        if set("".join(tokens)) <= alphabet:  # the usual case, checked in one pass (49k tokens: 11 vs 32 ms)
             spelled = tokens
         else:
             spelled = [t if set(t) <= alphabet else "".join(_BYTE_ENCODER[b] for b in t.encode("utf-8"))
                        for t in tokens]
-        # The first id of a duplicated spelling wins: inserted last, in reverse order.
-        vocab = dict(zip(reversed(spelled), range(len(spelled) - 1, -1, -1)))
+        vocab = {}
+        for i, t in enumerate(spelled):
+            vocab.setdefault(t, i)
         try:
-            model = models.BPE(vocab, _merge_pairs(merges), ignore_merges=pre in _IGNORE_MERGES)
+            pairs = [tuple(m.split(" ", 1)) for m in merges]
+            model = models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES)
         except Exception as e:
             raise FormatError(f"GGUF tokenizer.ggml.merges is not a valid BPE merge list ({e})") from None
         backend = Backend(model)
