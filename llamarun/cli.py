@@ -365,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
             gc.unfreeze()
 
 
+def run() -> int:
+    """The ``llamarun`` program (the console script and ``python -m llamarun``): ``main`` on the command
+    line, then everything is frozen before the interpreter exits. Python's shutdown otherwise collects
+    over all of torch's objects: measured after ``import torch``, exit took 430-610 ms, frozen 144-168 ms,
+    spent on memory the process is about to give back anyway."""
+    code = main()
+    gc.freeze()
+    return code
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -397,4 +407,4 @@ def _main(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())

@@ -310,3 +310,13 @@ def test_collector_paused_until_loaded_then_frozen_and_restored(tmp_path, monkey
         assert not gc.isenabled() and gc.get_freeze_count() == 0  # left off, as it was
     finally:
         gc.enable()
+
+
+def test_program_exit_leaves_objects_frozen():
+    """The program entry point (console script, python -m llamarun) freezes what exists before the
+    interpreter exits, so Python's shutdown does not collect over all of torch's objects."""
+    code = ("import gc, sys; from llamarun.cli import run; sys.argv = ['llamarun', 'plan', '--config', 'stories15m']; "
+            "status = run(); print(status, gc.get_freeze_count() > 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 True"
