@@ -355,6 +355,7 @@ def _resume_gc(freeze: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     _gc_state.update(paused=gc.isenabled(), frozen=False)
     gc.disable()
     try:
