@@ -27,7 +27,7 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
-from .memory import PREFILL_CHUNK  # the chunk the memory plan's activation estimate assumes
+from .memory import PREFILL_CHUNK, release_free_memory  # PREFILL_CHUNK: the memory plan's prefill chunk
 from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -329,6 +329,7 @@ class Llama:
                 set_dense_dtype(llm.model, dense)
             return llm
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
+        release_free_memory()  # what building the tokenizer freed, before the weights arrive
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
 
         def plan_for(dt: torch.dtype, kv: torch.dtype):
@@ -356,6 +357,7 @@ class Llama:
                 from .quantize import set_dense_dtype
 
                 set_dense_dtype(model, dense)
+        release_free_memory()
         llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv)
         llm.plan = plan
         return llm
@@ -386,6 +388,7 @@ class Llama:
         if q.tokenizer is None:
             raise FormatError(f"{path}: the tokenizer it was made with is gone; pass one with -z/tokenizer_path")
         ckpt = Checkpoint(args=args, tensors={}, tokenizer=q.tokenizer, format="llamarun-quantized", path=path)
+        release_free_memory()
         llm = cls(q.model, q.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv_dtype)
         llm.plan = plan
         return llm

@@ -359,6 +359,7 @@ def from_gguf_q4_1(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
 
 
 _GGUF_DIRECT = {"Q8_0": ("int8", from_gguf_q8_0), "Q4_0": ("int4", from_gguf_q4_0), "Q4_1": ("int4", from_gguf_q4_1)}
+_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
 def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_size: int | None = None) -> QuantizedTensor:
@@ -372,6 +373,40 @@ def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_siz
     if direct and direct[0] == mode and group_size in (None, QK):
         return direct[1](raw, shape)
     return quantize_tensor(dequantize(raw, qtype, shape).float(), mode, group_size)
+
+
+def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | None = None) -> QuantizedTensor:
+    """A tensor of a GGUF file (``formats.gguf.TensorInfo``) as ``mode``, like :func:`from_gguf`. A
+    block-for-block conversion reads the file a few MiB of rows at a time into tensors allocated once:
+    reading the whole tensor first held its raw bytes and its converted copy at once, which on SmolLM2's
+    30 MiB embedding table raised loading's peak memory above what the loaded model holds."""
+    from .memory import GGUF_READ_BYTES
+
+    name = getattr(t.tensor_type, "name", str(t.tensor_type))
+    direct = _GGUF_DIRECT.get(name)
+    if not (direct and direct[0] == mode and group_size in (None, QK)):
+        return from_gguf(t.data, t.tensor_type, shape, mode, group_size)
+    n, k = shape
+    if k % QK:
+        raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
+    row_bytes = k // QK * _GGUF_BLOCK_BYTES[name]
+    if row_bytes * n != t.nbytes:
+        raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
+    step = max(1, GGUF_READ_BYTES // row_bytes)
+    out = None
+    for r0 in range(0, n, step):
+        rows = min(step, n - r0)
+        part = direct[1](t.read(r0 * row_bytes, rows * row_bytes), (rows, k))
+        if rows == n:
+            return part
+        if out is None:
+            fields = (part.qweight, part.scales, part.mins)
+            out = QuantizedTensor(part.mode, *(None if f is None else f.new_empty((n, *f.shape[1:])) for f in fields),
+                                  part.group_size)
+        for dst, src in ((out.qweight, part.qweight), (out.scales, part.scales), (out.mins, part.mins)):
+            if src is not None:
+                dst[r0 : r0 + rows] = src
+    return out
 
 
 def _torch_shape(shape: Any) -> tuple[int, ...]:
@@ -400,7 +435,10 @@ def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: st
         t = raw.get(part)
         if t is not None:
             pshape = _torch_shape(t.shape)
-            parts.append(from_gguf(t.data, t.tensor_type, pshape, mode, group_size))
+            if hasattr(t, "read"):  # llamarun's own GGUF reader: read in pieces
+                parts.append(from_gguf_file(t, pshape, mode, group_size))
+            else:
+                parts.append(from_gguf(t.data, t.tensor_type, pshape, mode, group_size))
             continue
         try:
             w = ckpt.tensors[part]

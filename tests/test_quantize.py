@@ -167,6 +167,45 @@ def test_real_file_direct_equals_requantized(gguf_tensors):
     assert err <= 1e-3 * step  # equal up to float16 rounding of a recomputed scale
 
 
+def test_file_tensors_convert_in_pieces(gguf_tensors, monkeypatch):
+    """A GGUF tensor converted block for block is read a piece at a time straight into its final tensors
+    (loading never holds a whole raw table and its converted copy at once), with the same result."""
+    import llamarun.memory as M
+
+    piece = 64 << 10
+    for name in ("token_embd.weight", "blk.3.ffn_down.weight"):  # Q8_0 [49152, 576], Q4_1 [576, 1536]
+        t = gguf_tensors[name]
+        mode = "int8" if t.tensor_type.name == "Q8_0" else "int4"
+        whole = Q.from_gguf(t.data, t.tensor_type, _shape(t), mode)
+        reads = []
+        read = type(t).read
+        with monkeypatch.context() as mp:
+            mp.setattr(M, "GGUF_READ_BYTES", piece)
+            mp.setattr(type(t), "read", lambda self, start, n: reads.append((start, n)) or read(self, start, n))
+            pieces = Q.from_gguf_file(t, _shape(t), mode)
+        assert len(reads) > 1 and max(n for _, n in reads) <= piece, name
+        assert sum(n for _, n in reads) == t.nbytes and reads[-1][0] + reads[-1][1] == t.nbytes
+        for a, b in ((whole.qweight, pieces.qweight), (whole.scales, pieces.scales), (whole.mins, pieces.mins)):
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    # Another mode than the blocks' goes through float32, as from_gguf does.
+    t = gguf_tensors["blk.3.ffn_down.weight"]
+    assert torch.equal(Q.from_gguf_file(t, _shape(t), "int8").qweight,
+                       Q.from_gguf(t.data, t.tensor_type, _shape(t), "int8").qweight)
+
+
+def test_loading_hands_freed_memory_back(monkeypatch, default_model_path):
+    """Llama.load returns the C heap's freed pages (tokenizer construction, read buffers) to the OS, after
+    the tokenizer and again after the weights."""
+    import llamarun.generation as G
+    from llamarun.memory import release_free_memory
+
+    calls = []
+    monkeypatch.setattr(G, "release_free_memory", lambda: calls.append(1) or release_free_memory())
+    G.Llama.load(default_model_path, max_seq_len=64)
+    assert len(calls) == 2
+    assert isinstance(release_free_memory(), bool)
+
+
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_synthetic_blocks(qtype):
     """Blocks made by gguf.quants (Q4_1 by hand: gguf-py has no Q4_1 quantizer) convert exactly, and the

@@ -119,10 +119,14 @@ class TensorInfo:
         tensor is converted, so loading a model would peak at model + file; a read copy is freed as soon
         as its converted tensor exists, and the page cache still makes a second load fast.
         """
+        return self.read(0, self.nbytes)
+
+    def read(self, start: int, nbytes: int) -> np.ndarray:
+        """Bytes [start, start + nbytes) of the tensor's data (uint8), read from the file."""
         with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = np.fromfile(f, dtype=np.uint8, count=self.nbytes)
-        if data.size != self.nbytes:
+            f.seek(self.offset + start)
+            data = np.fromfile(f, dtype=np.uint8, count=nbytes)
+        if data.size != nbytes:
             raise FormatError(f"{self.path}: tensor {self.name} is truncated")
         return data
 
