@@ -9,6 +9,8 @@ without adding ``fire`` as a dependency.
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, Callable
 
 
 def parse_args(description: str, *, max_seq_len: int, max_batch_size: int, max_gen_len: int | None,
@@ -37,3 +39,16 @@ def parse_args(description: str, *, max_seq_len: int, max_batch_size: int, max_g
     if args.ckpt_dir is None:
         p.error("--ckpt_dir is required")
     return args
+
+
+def run(main: Callable[..., Any], *args: Any) -> None:
+    """Call the example's ``main``; a llamarun error (a bad path, an impossible setting) ends the script
+    with its one-line message and exit code (2 for usage errors, 1 for runtime failures), not a
+    traceback."""
+    from llamarun.errors import LlamarunError
+
+    try:
+        main(*args)
+    except LlamarunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _args, however the script is launched
 
-from _args import parse_args  # noqa: E402
+from _args import parse_args, run  # noqa: E402
 
 from llamarun import Llama  # noqa: E402
 
@@ -78,4 +78,4 @@ def main(ckpt_dir: str, tokenizer_path: str | None = None, temperature: float = 
 
 if __name__ == "__main__":
     a = parse_args(__doc__.splitlines()[0], max_seq_len=512, max_batch_size=8, max_gen_len=None)
-    main(a.ckpt_dir, a.tokenizer_path, a.temperature, a.top_p, a.max_seq_len, a.max_batch_size, a.max_gen_len)
+    run(main, a.ckpt_dir, a.tokenizer_path, a.temperature, a.top_p, a.max_seq_len, a.max_batch_size, a.max_gen_len)

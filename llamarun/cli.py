@@ -54,7 +54,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="llamarun", description="Run LLaMA-family models on the hardware you have.")
+    parser.add_argument("--version", action="version", version=f"llamarun {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     g = sub.add_parser("generate", help="complete prompts (tokens stream as they are generated)",
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "here when --memory is given)")
     pl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     pl.add_argument("--memory", help="memory budget, e.g. 12GiB (default: what the device has free)")
-    pl.add_argument("--max-seq-len", type=int, help="context to plan for (default: the model's)")
+    pl.add_argument("--max-seq-len", type=int,
+                    help="context to plan for (default: the model's, at most 4096, as generate loads it)")
     pl.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype)")
     pl.add_argument("--batch", type=int, default=1, help="rows generated at once (default 1)")
@@ -109,13 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_common(args: argparse.Namespace) -> None:
     """Reject bad values before spending seconds on loading a model."""
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.max_seq_len is not None and args.max_seq_len < 1:
-        raise UsageError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
-    from .device import pick_device
+    from .device import check_threads, pick_device
 
+    if getattr(args, "threads", None) is not None:
+        check_threads(args.threads, "--threads")
+    _check_max_seq_len(args.max_seq_len)
     pick_device(args.device)
+
+
+def _check_max_seq_len(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise UsageError(f"--max-seq-len must be >= 1, got {n}")
 
 
 def _load(args: argparse.Namespace, batch: int = 1):
@@ -244,6 +252,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .formats import load_checkpoint
     from .generation import default_model_path
 
+    _check_common(args)
     ckpt = load_checkpoint(args.model or default_model_path(), args.tokenizer)
     d = describe(ckpt)
     from .device import pick_device, pick_dtype, pick_kv_dtype
@@ -283,9 +292,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .device import pick_device, pick_dtype, pick_kv_dtype
     from .memory import config_by_name, format_plan, make_plan, native_quantization, parse_size
 
+    from .generation import DEFAULT_MAX_SEQ_LEN
+
     memory = parse_size(args.memory) if args.memory else None
+    _check_max_seq_len(args.max_seq_len)
     if memory is not None and str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        device = torch.device(args.device)  # planning for a GPU this machine does not have
+        try:  # planning for a GPU this machine does not have
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"unknown device {args.device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
         dtype = torch.float16 if args.dtype == "auto" else pick_dtype(args.dtype, device)
     else:
         device = pick_device(args.device)
@@ -300,7 +315,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         ckpt = load_checkpoint(args.model or default_model_path())
         model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
-    plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=args.max_seq_len, memory=memory,
+    seq = args.max_seq_len or min(model_args.max_seq_len, DEFAULT_MAX_SEQ_LEN)  # as Llama.load would
+    plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=seq, memory=memory,
                      quantize=args.quantize, group_size=args.group_size, offload_layers=args.offload_layers,
                      kv_dtype=pick_kv_dtype(args.kv_dtype, device, dtype), **native)
     print(json.dumps(dict(plan.to_dict(), model=name), indent=2) if args.json else format_plan(plan, name))
@@ -379,8 +395,8 @@ def run() -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
+    if not args.command:  # a usage error: the help goes where errors go
+        parser.print_help(sys.stderr)
         return 2
     try:
         return COMMANDS[args.command](args)

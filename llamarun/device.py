@@ -119,12 +119,26 @@ def physical_cores() -> int:
     return max(1, min(len(cores) or len(allowed), len(allowed)))
 
 
+def max_threads() -> int:
+    """The most threads llamarun accepts: 4 per logical CPU. More only slows a run down, and torch's pools
+    spawn every thread asked for (tens of thousands hang or crash the process)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(n: int, what: str = "threads") -> int:
+    """``n`` if it is a usable thread count, else a UsageError naming ``what`` (the option or variable)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise UsageError(f"{what} must be an integer, got {n!r}")
+    if not 1 <= n <= max_threads():
+        raise UsageError(f"{what} must be between 1 and {max_threads()} (4 per CPU here), got {n}")
+    return n
+
+
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` torch threads (default: OMP_NUM_THREADS if set, else physical cores); returns the number set."""
+    what = "threads"
     if n is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        n = int(os.environ["OMP_NUM_THREADS"])
-    n = physical_cores() if n is None else n
-    if n < 1:
-        raise UsageError(f"threads must be >= 1, got {n}")
+        n, what = int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    n = check_threads(physical_cores() if n is None else n, what)
     torch.set_num_threads(n)
     return n

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _ckpt_utils import run_cli_in_process
 from conftest import assert_one_line_error, run_cli
 
 
@@ -166,6 +167,28 @@ def test_unsupported_tensor_type(tmp_path):
     assert_one_line_error(run_cli("info", str(model)), 2, "unsupported type Q8_1")
 
 
+def test_directory_with_several_ggufs(tmp_path, capsys):
+    for name in ("a.gguf", "b.gguf"):
+        write_tiny_gguf(tmp_path / name)
+    assert_one_line_error(run_cli_in_process(["info", tmp_path], capsys), 2, "directory holds 2 .gguf files")
+
+
+def test_tokenizer_option_overrides_a_gguf_tokenizer(tmp_path, default_model_path, capsys):
+    """-z replaces the tokenizer a GGUF carries; one with ids the model has no embedding for is refused
+    (it used to run and drop every id past the model's vocabulary when decoding)."""
+    from conftest import SHARED_TOKENIZERS
+    from llamarun.formats import load_checkpoint
+
+    spm = SHARED_TOKENIZERS / "tokenizer.model"  # Llama 2's: 32000 pieces
+    if not spm.is_file():
+        pytest.skip("no shared Llama 2 tokenizer")
+    ckpt = load_checkpoint(default_model_path, spm)  # SmolLM2: 49152 embeddings
+    assert type(ckpt.tokenizer).__name__ == "SentencePieceTokenizer" and ckpt.tokenizer.vocab_size == 32000
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")  # 257 embeddings
+    assert_one_line_error(run_cli_in_process(["info", tiny, "-z", spm], capsys), 2,
+                          "the tokenizer has 32000 tokens but the model's vocabulary only 257")
+
+
 @pytest.mark.parametrize("args,needle", [
     (["-t", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"),
@@ -174,6 +197,9 @@ def test_unsupported_tensor_type(tmp_path):
     (["--top-k", "-2"], "top_k"),
     (["--device", "cuda:7"], "cuda"),
     (["--threads", "0"], "threads"),
+    (["--threads", "99999"], "--threads must be between 1 and"),  # torch would spawn them all: hang or crash
+    (["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
+    (["-z", "/nonexistent/tokenizer.model"], "no such tokenizer file"),
 ])
 def test_invalid_values(args, needle, capsys):
     # In-process (the same main() the console script calls): these fail before any model loads.
@@ -194,6 +220,55 @@ def test_invalid_values(args, needle, capsys):
 def test_argument_errors_are_one_line(args, needle, help_cmd):
     """What argparse rejects is one error line naming the option (and where help is), exit code 2."""
     assert_one_line_error(run_cli(*args), 2, needle, help_cmd)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "--max-seq-len", "0"], "--max-seq-len must be >= 1, got 0"),
+    (["plan", "--device", "cuda:x", "--memory", "24GiB"], "unknown device 'cuda:x'"),
+    (["plan", "--device", "cuda:-1", "--memory", "24GiB"], "unknown device 'cuda:-1'"),
+    (["info", "--max-seq-len", "-1"], "--max-seq-len must be >= 1, got -1"),
+    (["info", "--threads", "0"], "--threads must be between 1 and"),
+])
+def test_plan_and_info_check_their_options(args, needle, capsys):
+    """plan and info reject what generate rejects (info used to report a bad --max-seq-len as "does not
+    fit"; plan took --max-seq-len 0 for "not given")."""
+    assert_one_line_error(run_cli_in_process(args, capsys), 2, needle)
+
+
+def test_plan_defaults_to_the_context_generate_loads(capsys):
+    """Without --max-seq-len, plan plans the context Llama.load would allow (the model's, at most 4096),
+    so its verdict is the one generate acts on."""
+    from llamarun.cli import main
+    from llamarun.generation import DEFAULT_MAX_SEQ_LEN
+
+    capsys.readouterr()
+    assert main(["plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["max_seq_len"] == min(8192, DEFAULT_MAX_SEQ_LEN)  # SmolLM2's context is 8192
+    assert main(["plan", "--json", "--config", "llama-3.2-1b", "--device", "cuda:0", "--memory", "8GiB"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["max_seq_len"] == DEFAULT_MAX_SEQ_LEN  # 131072 tokens would not fit in 8 GiB
+
+
+def test_too_many_threads_from_the_environment(monkeypatch):
+    from llamarun.device import max_threads, set_threads
+    from llamarun.errors import UsageError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max_threads() + 1))
+    with pytest.raises(UsageError, match="OMP_NUM_THREADS must be between 1 and"):
+        set_threads(None)
+
+
+def test_version_and_no_command(capsys):
+    from llamarun import __version__
+    from llamarun.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"llamarun {__version__}"
+    assert main([]) == 2  # no command: a usage error, the help on stderr
+    out, err = capsys.readouterr()
+    assert out == "" and "COMMAND" in err and "generate" in err
 
 
 def test_invalid_value_from_a_real_process():

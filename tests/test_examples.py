@@ -104,3 +104,13 @@ def test_example_arguments():
         with pytest.raises(SystemExit) as e:
             mod.parse_args("x", argv=argv, **defaults)
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_example_errors_are_one_line(script, tmp_path):
+    """A bad checkpoint path ends the example with one line and exit code 2, not a traceback."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--ckpt_dir", str(tmp_path / "nonexistent")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nonexistent'}: no such file or directory"]

@@ -125,6 +125,11 @@ def _bad_checkpoints(setup, spm_model, root):
     (d / "params.json").write_text(json.dumps({"dim": 64}))
     cases.append((d, "params.json: missing or invalid hyper-parameter"))
 
+    if args.n_layers > 1:  # weights for more layers than params.json says: the extra ones were ignored
+        d = variant("fewer_layers", dirs[1])
+        (d / "params.json").write_text(json.dumps({**meta_params(args), "n_layers": args.n_layers - 1}))
+        cases.append((d, f"the weights hold layer {args.n_layers - 1} but the config says {args.n_layers - 1} layers"))
+
     d = root / "evil"
     d.mkdir()
     shutil.copy(dirs[1] / "params.json", d)

@@ -76,6 +76,9 @@ def detect_format(path: str | Path) -> str:
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf"
+        if ggufs:
+            raise FormatError(f"{p}: directory holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:3])}"
+                              f"{', ...' if len(ggufs) > 3 else ''}): give the one to load")
         raise FormatError(f"{p}: directory has neither params.json (Meta) nor config.json (Hugging Face)")
     with open(p, "rb") as f:
         magic = f.read(4)
@@ -89,20 +92,46 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_checkpoint(path: str | Path, tokenizer_path: str | Path | None = None) -> Checkpoint:
-    """Open a checkpoint of any supported format (auto-detected) without materialising its weights."""
+    """Open a checkpoint of any supported format (auto-detected) without materialising its weights.
+
+    ``tokenizer_path`` overrides the tokenizer the checkpoint carries (a GGUF's own, or the file beside a
+    Meta/HF/llama2.c checkpoint). The result is checked for what no format checks alone: the tokenizer
+    must fit the model's vocabulary, and the weights must not hold more layers than the config says."""
     fmt = detect_format(path)
+    if tokenizer_path is not None and not Path(tokenizer_path).exists():
+        raise FormatError(f"{tokenizer_path}: no such tokenizer file")
     if fmt == "gguf":
         from . import gguf
 
-        return gguf.load(path)
-    if fmt == "meta":
+        ckpt = gguf.load(path, tokenizer_path)
+    elif fmt == "meta":
         from . import meta
 
-        return meta.load(path, tokenizer_path)
-    if fmt == "hf":
+        ckpt = meta.load(path, tokenizer_path)
+    elif fmt == "hf":
         from . import hf
 
-        return hf.load(path, tokenizer_path)
-    from . import llama2c
+        ckpt = hf.load(path, tokenizer_path)
+    else:
+        from . import llama2c
 
-    return llama2c.load(path, tokenizer_path)
+        ckpt = llama2c.load(path, tokenizer_path)
+    _check_consistent(ckpt)
+    return ckpt
+
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def _check_consistent(ckpt: Checkpoint) -> None:
+    """A tokenizer with ids the model has no embedding for, or weights for layers past the config's
+    ``n_layers``, mean the files do not belong together: refuse instead of generating garbage. (A model
+    vocabulary larger than the tokenizer's is normal: embeddings are often padded.)"""
+    a, tok = ckpt.args, ckpt.tokenizer
+    if tok is not None and tok.vocab_size > a.vocab_size:
+        raise FormatError(f"{ckpt.path}: the tokenizer has {tok.vocab_size} tokens but the model's vocabulary only "
+                          f"{a.vocab_size}: they do not belong together (check -z/--tokenizer)")
+    extra = sorted({int(m.group(1)) for m in map(_LAYER_INDEX.match, ckpt.tensors) if m and int(m.group(1)) >= a.n_layers})
+    if extra:
+        raise FormatError(f"{ckpt.path}: the weights hold layer {extra[0]} but the config says {a.n_layers} layers "
+                          f"(n_layers / num_hidden_layers / block_count is wrong)")

@@ -281,9 +281,10 @@ def dequantize(data: np.ndarray, qtype: enum.IntEnum, shape: tuple[int, ...]) ->
     return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(qtype))).reshape(shape)
 
 
-def load(path: str | Path) -> Checkpoint:
-    """Open a GGUF checkpoint: ModelArgs from its metadata, lazy Meta-named tensors, its tokenizer."""
-    from ..tokenizer import tokenizer_from_gguf
+def load(path: str | Path, tokenizer_path: str | Path | None = None) -> Checkpoint:
+    """Open a GGUF checkpoint: ModelArgs from its metadata, lazy Meta-named tensors, its tokenizer (or the
+    one in ``tokenizer_path``, which overrides it)."""
+    from ..tokenizer import load_tokenizer_file, tokenizer_from_gguf
 
     path = Path(path)
     if path.is_dir():
@@ -309,10 +310,13 @@ def load(path: str | Path) -> Checkpoint:
         native[meta_name] = t
         loaders[meta_name] = (lambda t=t, s=shapes[name]: dequantize(t.data, t.tensor_type, s))
     _check_complete(path, args, loaders)
-    try:
-        tokenizer = tokenizer_from_gguf(meta)
-    except FormatError as e:
-        raise FormatError(f"{path}: {e}") from None
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer_file(tokenizer_path)
+    else:
+        try:
+            tokenizer = tokenizer_from_gguf(meta)
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
     return Checkpoint(args=args, tensors=LazyTensors(loaders), tokenizer=tokenizer, format="gguf",
                       path=path, tensor_types=types, native=native)
 
