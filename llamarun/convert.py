@@ -16,18 +16,22 @@ writer only has to lay those out the way its format wants:
 
 Everything is written under temporary names next to OUT and renamed into place at the very end, so an
 interrupted or failed conversion leaves nothing at OUT. An existing OUT is replaced only with ``force``.
+:func:`check_output` and :func:`staged` are shared with ``llamarun quantize``.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from .config import ModelArgs, meta_ffn_hidden_dim
-from .errors import FormatError, UsageError
+from .errors import FormatError, RuntimeFailure, UsageError
 from .formats import Checkpoint, load_checkpoint
 from .formats import llama2c
 from .formats.hf import meta_to_hf_name, permute_qk
@@ -72,24 +76,39 @@ def convert(src: str | Path, out: str | Path, to: str, dtype: str | None = None,
         raise UsageError(f"unknown target format {to!r} (use one of: {', '.join(TARGETS)})")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r} (use one of: {', '.join(DTYPES)})")
-    out = Path(out)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists (pass --force to replace it)")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out.parent}: no such directory")
-    if Path(src).resolve() == out.resolve():
-        raise UsageError(f"{out}: the output would replace the checkpoint being read")
+    out = check_output(out, force, src, tokenizer_path)
     ckpt = load_checkpoint(src, tokenizer_path)
     dtype = _resolve_dtype(ckpt, to, dtype, llama2c_version)
 
-    staging = Staging(force)
-    try:
-        with _progress_bar(ckpt, to, progress) as bar:
-            WRITERS[to](ckpt, out, staging, dtype, bar, llama2c_version)
-        staging.commit()
-    except BaseException:
-        staging.abort()
-        raise
+    with staged(out, force) as staging, _progress_bar(ckpt, to, progress) as bar:
+        WRITERS[to](ckpt, out, staging, dtype, bar, llama2c_version)
+    return out
+
+
+def check_output(out: str | Path, force: bool, src: str | Path | None = None,
+                 tokenizer: str | Path | None = None) -> Path:
+    """Refuse, before any work, an output path that must not or cannot be written; returns it as a Path.
+
+    Refused (UsageError): ``out`` that is (or is a directory holding) ``src`` or ``tokenizer``, the files
+    being read; an existing ``out`` unless ``force``; a parent that is missing or not a directory.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for what, path in (("checkpoint", src), ("tokenizer", tokenizer)):
+        if path is None:
+            continue
+        path = Path(path)
+        read = path.resolve()
+        # A directory holding the input is replaced whole; samefile: a hard link to the input is the input.
+        if read == target or target in read.parents or \
+                (out.exists() and path.exists() and os.path.samefile(out, path)):
+            raise UsageError(f"{out}: the output would replace the {what} being read")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise UsageError(f"{out} already exists (pass --force to replace it)")
+    if not out.parent.exists():
+        raise UsageError(f"{out.parent}: no such directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: not a directory")
     return out
 
 
@@ -122,6 +141,29 @@ def _progress_bar(ckpt: Checkpoint, to: str, enabled: bool):
     return tqdm(total=n, desc=f"convert to {to}", unit="tensor", file=sys.stderr, disable=not enabled, leave=False)
 
 
+@contextmanager
+def staged(out: Path, force: bool) -> Iterator["Staging"]:
+    """A :class:`Staging` for the outputs of one command whose result is ``out``: committed when the block
+    completes; on any failure what was written is removed, and a failed write (disk full, file too large,
+    no permission) is raised as RuntimeFailure ``cannot write OUT: reason``."""
+    staging = Staging(force)
+    try:
+        yield staging
+        staging.commit()
+    except BaseException as e:
+        reason = staging.write_error(e)  # before abort: it needs the temporary paths
+        staging.abort()
+        if reason is not None:
+            raise RuntimeFailure(f"cannot write {out}: {reason}") from e
+        raise
+
+
+# errnos that only a write gives: an OSError with one of these is the output's, wherever it was raised
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+# Rust's io::Error (safetensors, tokenizers) has no errno attribute, only "... (os error 28)" in its text
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 class Staging:
     """Outputs written under hidden temporary names beside their final paths, moved in by ``commit``."""
 
@@ -137,19 +179,47 @@ class Staging:
         return tmp
 
     def commit(self) -> None:
+        """Move every temporary output to its final path (replaced only with ``force``, or when equal)."""
         for tmp, final in self.moves:  # check everything before moving anything
             if final.exists() and not self.force and not _same_file_content(tmp, final):
                 raise UsageError(f"{final} already exists and differs (pass --force to replace it)")
+        mode = _new_file_mode()
+        for tmp, _ in self.moves:
+            # Some writers (safetensors) create 0600 files; outputs get what any new file gets under the umask.
+            for f in ([tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]):
+                os.chmod(f, mode)
         for tmp, final in self.moves:
-            if final.exists():
+            if final.exists() or final.is_symlink():
                 _remove(final)
             os.replace(tmp, final)
         self.moves.clear()
 
     def abort(self) -> None:
+        """Remove every temporary output."""
         for tmp, _ in self.moves:
             _remove(tmp)
         self.moves.clear()
+
+    def write_error(self, exc: BaseException) -> str | None:
+        """Why writing failed (``No space left on device``...) if ``exc`` is a failed write of an output,
+        else None (a failure of something else, raised as it is)."""
+        if isinstance(exc, OSError) and exc.errno is not None:
+            names = {Path(n) for n in (exc.filename, exc.filename2) if isinstance(n, (str, os.PathLike))}
+            ours = any(n == tmp or tmp in n.parents for n in names for tmp, _ in self.moves)
+            if exc.errno in _WRITE_ERRNOS or ours:
+                return exc.strerror or os.strerror(exc.errno)
+            return None
+        match = _RUST_OS_ERROR.search(str(exc)) if isinstance(exc, Exception) else None
+        if match and int(match.group(1)) in _WRITE_ERRNOS | {errno.EACCES, errno.EPERM}:
+            return os.strerror(int(match.group(1)))
+        return None
+
+
+def _new_file_mode() -> int:
+    """0666 less the process's umask: the mode ``open`` gives a new file."""
+    mask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _remove(path: Path) -> None:
@@ -244,7 +314,7 @@ def write_meta(ckpt: Checkpoint, out: Path, staging: Staging, dtype: str, bar, _
     tmp = staging.path(out)
     tmp.mkdir()
     state = {name: t.to(DTYPES[dtype]).contiguous() for name, t in _tensors(ckpt, untie=True, bar=bar)}
-    torch.save(state, tmp / "consolidated.00.pth")
+    _torch_save(state, tmp / "consolidated.00.pth")
     (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     tok = ckpt.tokenizer
     if _is_sentencepiece(tok):
@@ -253,6 +323,38 @@ def write_meta(ckpt: Checkpoint, out: Path, staging: Staging, dtype: str, bar, _
         (tmp / "tokenizer.model").write_bytes(tiktoken_ranks_bytes(tok))
     else:  # byte-level BPE: Meta has no file for it; the loader also accepts an HF tokenizer.json
         write_hf_tokenizer(tok, ckpt.args, tmp)
+
+
+class _KeepWriteError:
+    """A file's ``write`` that remembers the OSError it raised: torch.save turns a failed write into
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, which says neither disk full
+    nor file too large."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, raising a failed write as its OSError (with the errno that says why)."""
+    with open(path, "wb") as f:
+        sink = _KeepWriteError(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,8 +522,20 @@ def write_llama2c(ckpt: Checkpoint, out: Path, staging: Staging, dtype: str, bar
 
 
 def _write_array(f, arr: np.ndarray) -> None:
-    """Raw little-endian bytes of ``arr`` (float32 stays float32, int8 int8), without an extra copy."""
-    np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tofile(f)
+    """Raw little-endian bytes of ``arr`` (float32 stays float32, int8 int8), without an extra copy.
+
+    Through ``f.write``, not ``ndarray.tofile``: tofile reports a short write (disk full, file too large)
+    as "N requested and M written", without the errno that says which."""
+    f.write(memoryview(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))).cast("B"))
+
+
+class _WrittenByFile(np.ndarray):
+    """An array whose ``tofile`` (what GGUFWriter.write_tensor_data calls) is :func:`_write_array`."""
+
+    def tofile(self, fid, *args, **kwargs) -> None:
+        if args or kwargs or not hasattr(fid, "write"):
+            return super().tofile(fid, *args, **kwargs)
+        _write_array(fid, self.view(np.ndarray))
 
 
 def _llama2c_header(h: llama2c.Header) -> bytes:
@@ -488,7 +602,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, staging: Staging, dtype: str, bar, _
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for name, shape, qt, get in plan:
-            writer.write_tensor_data(_gguf_array(get(), qt))
+            writer.write_tensor_data(_gguf_array(get(), qt).view(_WrittenByFile))
             if name != "rope_freqs.weight":
                 bar.update(1)
     finally:

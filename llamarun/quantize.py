@@ -781,13 +781,21 @@ def _tokenizer_payload(tokenizer_source: str | Path | None) -> tuple[str | None,
     return str(src.resolve()) if src.exists() else str(src), None
 
 
-def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | None, out_path: str | Path) -> Path:
+def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | None, out_path: str | Path, *,
+                   force: bool = True) -> Path:
     """Write a quantized model as one safetensors file: its state dict (quantized layers as
     ``<name>.qweight/.scales/.mins``) plus JSON metadata (``ModelArgs``, per-layer mode and group size, the
-    tokenizer's source; a GGUF tokenizer is embedded, so the file is self-contained)."""
+    tokenizer's source; a GGUF tokenizer is embedded, so the file is self-contained).
+
+    The file is written under a temporary name and renamed, so ``out_path`` is never half-written; its
+    directory must exist, and an existing file is replaced only with ``force``. A failed write (disk full,
+    file too large) raises RuntimeFailure ``cannot write OUT: reason``.
+    """
     from safetensors.torch import save_file
 
-    out_path = Path(out_path)
+    from .convert import check_output, staged
+
+    out_path = check_output(out_path, force, tokenizer=tokenizer_source)
     layers = describe_quantization(model)
     if not layers:
         raise UsageError("save_quantized: the model has no quantized layers")
@@ -807,27 +815,150 @@ def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | N
         "tokenizer_source": src or "",
         "compute_dtype": str(getattr(getattr(emb, "weight", None), "dtype", torch.float32)).replace("torch.", ""),
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out_path)
+    with staged(out_path, force) as staging:
+        save_file(state, str(staging.path(out_path)), metadata=meta)
     return out_path
 
 
+# safetensors' dtype names -> bytes per element (what a header's data_offsets must agree with)
+_ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+                   "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _corrupted(path: Path, why: str) -> FormatError:
+    return FormatError(f"{path}: corrupted or truncated llamarun quantized file ({why})")
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
-    """True for a file written by :func:`save_quantized`."""
+    """True for a file written by :func:`save_quantized`, False for anything else.
+
+    A file that is one but is damaged (cut short, or its metadata edited) raises FormatError
+    ``PATH: corrupted or truncated llamarun quantized file (...)``, as does a safetensors file that ends
+    inside its header: callers (``Llama.load``) then say what is wrong instead of "unrecognised format".
+    The header is checked whole (metadata, tensor shapes and offsets, file size), so what passes can be
+    read with safetensors and its metadata parsed without further checks.
+    """
     p = Path(path)
     if not p.is_file():
         return False
     try:
-        with open(p, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100 << 20:
-                return False
-            header = json.loads(f.read(n))
-        return header.get("__metadata__", {}).get("format") == FORMAT_NAME
-    except (OSError, ValueError):
+        found = _read_header(p)
+        if found is None:
+            return False
+        header, header_bytes = found
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            return False
+        _check_header(p, header, p.stat().st_size - 8 - header_bytes)
+    except OSError:
         return False
+    return True
+
+
+def _read_header(p: Path) -> tuple[dict, int] | None:
+    """(the parsed JSON header, its length in bytes) of a safetensors file, or None if ``p`` is not one."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        if len(head) < 8 or not 0 < n < _MAX_HEADER_BYTES:
+            return None
+        text = f.read(n)
+    if not text.startswith(b'{"'):
+        return None
+    ours = FORMAT_NAME.encode() in text
+    if len(text) < n:
+        if ours:
+            raise _corrupted(p, f"the file ends inside its {n}-byte header")
+        raise FormatError(f"{p}: truncated safetensors file (it ends inside its {n}-byte header)")
+    try:
+        header = json.loads(text)
+    except ValueError:  # UnicodeDecodeError included
+        if ours:
+            raise _corrupted(p, "its header is not valid JSON") from None
+        return None
+    return (header, n) if isinstance(header, dict) else None
+
+
+def _check_header(p: Path, header: dict, data_bytes: int) -> None:
+    """Raise FormatError unless ``header`` (of a file whose format says llamarun-quantized) is what
+    :func:`save_quantized` writes, describing exactly ``data_bytes`` bytes of tensor data."""
+    from .config import ModelArgs
+
+    meta = header["__metadata__"]
+
+    def metadata_json(key: str, kind: type) -> Any:
+        if key not in meta:
+            raise _corrupted(p, f"no {key!r} in its metadata")
+        try:
+            value = json.loads(meta[key])
+        except (TypeError, ValueError):
+            raise _corrupted(p, f"metadata {key!r} is not valid JSON") from None
+        if not isinstance(value, kind):
+            raise _corrupted(p, f"metadata {key!r} is not a JSON {kind.__name__}")
+        return value
+
+    if "version" not in meta:
+        raise _corrupted(p, "no 'version' in its metadata")
+    try:
+        version = int(meta["version"])
+    except (TypeError, ValueError):
+        raise _corrupted(p, f"metadata 'version' is not an integer: {meta['version']!r}") from None
+    if version > FORMAT_VERSION:
+        raise FormatError(f"{p}: quantized format version {version} is newer than this llamarun")
+    try:
+        ModelArgs(**metadata_json("args", dict))
+    except (TypeError, ValueError, FormatError) as e:
+        raise _corrupted(p, f"metadata 'args': {e}") from None
+    layers = metadata_json("layers", dict)
+    embedding = metadata_json("embedding", dict)
+    if embedding.get("kind") not in ("float", "quantized") or \
+            (embedding["kind"] == "quantized" and not isinstance(embedding.get("tied"), bool)):
+        raise _corrupted(p, f"metadata 'embedding' is not one llamarun writes: {embedding}")
+    if meta.get("compute_dtype", "float32") not in _COMPUTE_DTYPES:
+        raise _corrupted(p, f"unknown compute_dtype {meta['compute_dtype']!r}")
+
+    # Every tensor's entry, and the data they cover: back to back from 0 to the end of the file.
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    spans = []
+    for name, info in tensors.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            size = _ST_DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=np.int64))
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and end - begin == size
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise _corrupted(p, f"tensor {name}: bad entry {info}")
+        spans.append((begin, end, name))
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            raise _corrupted(p, f"tensor {name}: data at byte {begin}, expected {pos}")
+        pos = end
+    if data_bytes != pos:
+        raise _corrupted(p, f"{data_bytes} bytes of tensor data, its header describes {pos}")
+
+    # The quantized layers: their tensors present, with the types and shapes their metadata implies.
+    for name, info in layers.items():
+        try:
+            mode, g, (n, k) = info["mode"], info["group_size"], info["shape"]
+            ok = mode in MODES and isinstance(g, int) and isinstance(n, int) and isinstance(k, int) and \
+                n > 0 and g > 0 and k > 0 and k % g == 0 and (mode == "int8" or g % QK == 0)
+        except (TypeError, ValueError, KeyError):
+            ok = False
+        if not ok:
+            raise _corrupted(p, f"layer {name}: bad metadata {info}")
+        want = {"qweight": ("I8", [n, k]) if mode == "int8" else ("U8", [n, k // 2]), "scales": ("I16", [n, k // g])}
+        if mode == "int4":
+            want["mins"] = ("I16", [n, k // g])
+        for part, (dtype, shape) in want.items():
+            t = tensors.get(f"{name}.{part}")
+            if t is None:
+                raise _corrupted(p, f"missing tensor {name}.{part}")
+            if (t["dtype"], list(t["shape"])) != (dtype, shape):
+                raise _corrupted(p, f"tensor {name}.{part} is {t['dtype']} {t['shape']}, expected {dtype} {shape}")
 
 
 @dataclass
@@ -847,21 +978,22 @@ class QuantizedCheckpoint:
 def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                    tokenizer_path: str | Path | None = None) -> QuantizedCheckpoint:
     """Load a :func:`save_quantized` file: the model (eval mode, on ``device``), its args and tokenizer."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .config import ModelArgs
     from .generation import meta_model
     from .model import rope_cache
 
     path = Path(path)
-    if not is_quantized_checkpoint(path):
+    if not is_quantized_checkpoint(path):  # raises FormatError for a damaged one
         raise FormatError(f"{path}: not a llamarun quantized checkpoint")
     device = torch.device(device)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    if int(meta.get("version", "0")) > FORMAT_VERSION:
-        raise FormatError(f"{path}: quantized format version {meta['version']} is newer than this llamarun")
+    try:  # the header was checked; what is left to fail is the data (the file changed since?)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise _corrupted(path, str(e)) from None
     args = ModelArgs(**json.loads(meta["args"]))
     layers = json.loads(meta["layers"])
     embedding = json.loads(meta["embedding"])
@@ -869,7 +1001,21 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     tok_blob = state.pop("__tokenizer_gguf_json__", None)
 
     model = meta_model(args)
+    # The layers the metadata lists must be the model's: every linear layer, plus an untied quantized
+    # embedding's table (a layer of its own), each of the shape its args give.
+    linears = {name: [model.get_submodule(name).out_features, model.get_submodule(name).in_features]
+               for name in linear_names(model)}
+    if embedding["kind"] == "quantized" and not embedding["tied"]:
+        linears["tok_embeddings.table"] = [args.vocab_size, args.dim]
+    missing = sorted(linears.keys() - layers.keys())
+    if missing:
+        raise _corrupted(path, f"no quantized layer {missing[0]}")
     for name, info in layers.items():
+        want = linears.get(name)
+        if want is None:
+            raise _corrupted(path, f"layer {name} is not in a model of its args")
+        if info["shape"] != want:
+            raise _corrupted(path, f"layer {name} has shape {info['shape']}, its args say {want}")
         mode = info["mode"]
         qt = QuantizedTensor(mode, state.pop(f"{name}.qweight"), state.pop(f"{name}.scales"),
                              state.pop(f"{name}.mins") if mode == "int4" else None, int(info["group_size"]))
@@ -882,7 +1028,9 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             model.tok_embeddings = QuantizedEmbedding(table, tied=False, dtype=dtype)
     for name, param in list(model.named_parameters()):
         if name not in state:
-            raise FormatError(f"{path}: missing tensor {name}")
+            raise _corrupted(path, f"missing tensor {name}")
+        if state[name].shape != param.shape:
+            raise _corrupted(path, f"tensor {name} has shape {list(state[name].shape)}, expected {list(param.shape)}")
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
             state.pop(name).to(device=device, dtype=dtype), requires_grad=False)
@@ -894,7 +1042,11 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     if tokenizer_path is not None:
         tokenizer = load_tokenizer_file(tokenizer_path)
     elif tok_blob is not None:
-        tokenizer = tokenizer_from_gguf(json.loads(bytes(tok_blob.numpy()).decode()))
+        try:
+            tok_meta = json.loads(bytes(tok_blob.numpy()).decode())
+        except ValueError:  # UnicodeDecodeError included
+            raise _corrupted(path, "its embedded tokenizer is not valid JSON") from None
+        tokenizer = tokenizer_from_gguf(tok_meta)
     elif meta.get("tokenizer_source") and Path(meta["tokenizer_source"]).exists():
         src = Path(meta["tokenizer_source"])
         try:
@@ -914,7 +1066,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``quantize`` subcommand to the CLI's subparsers."""
     q = subparsers.add_parser("quantize", help="write an int8/int4 weight-quantized copy of a checkpoint",
                               description="Quantize every linear layer of SRC (read one tensor at a time; GGUF "
-                                          "Q8_0/Q4_0/Q4_1 blocks convert losslessly) and write OUT (.safetensors).")
+                                          "Q8_0/Q4_0/Q4_1 blocks convert losslessly) and write OUT (.safetensors). "
+                                          "OUT appears only once it is complete; an existing OUT is replaced "
+                                          "only with --force.")
     q.add_argument("src", metavar="SRC", nargs="?", help="checkpoint to quantize (default: the embedded SmolLM2)")
     q.add_argument("out", metavar="OUT", help="output file (.safetensors)")
     q.add_argument("--to", dest="mode", required=True, choices=MODES, help="weight format")
@@ -923,12 +1077,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--output-mode", choices=MODES, default=None, help="format of the output layer and a tied embedding (default: int8, the layer most "
                         "sensitive to 4-bit rounding)")
     q.add_argument("-z", "--tokenizer", help="tokenizer file, when the checkpoint has none beside it")
+    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=run)
     return q
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``llamarun quantize``: prints one summary line; returns the exit code."""
+    from .convert import check_output
     from .formats import load_checkpoint
     from .generation import default_model_path
 
@@ -936,8 +1092,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--group-size must be positive, got {args.group_size}")
     src = Path(args.src) if args.src else default_model_path()
     out = Path(args.out)
-    if out.exists() and out.is_dir():
+    if out.is_dir():
         raise UsageError(f"{out} is a directory: give an output file name")
+    # Before the work: an output that cannot be written, or must not be (an existing file, the input).
+    check_output(out, args.force, src, args.tokenizer)
+    if out.suffix.lower() != ".safetensors":  # another name (.gguf, .bin) promises a format it is not
+        raise UsageError(f"{out}: the output is a safetensors file: give it a .safetensors name")
     t0 = time.perf_counter()
     ckpt = load_checkpoint(src, args.tokenizer)
     try:
@@ -945,7 +1105,7 @@ def run(args: argparse.Namespace) -> int:
             model = build_quantized_model(ckpt, args.mode, "cpu", torch.float32, args.group_size, args.output_mode)
     except ValueError as e:
         raise UsageError(f"cannot quantize {src} to {args.mode}: {e}") from None
-    save_quantized(model, ckpt.args, args.tokenizer or src, out)
+    save_quantized(model, ckpt.args, args.tokenizer or src, out, force=args.force)
     size = out.stat().st_size
     print(f"quantized {src} -> {out} ({args.mode}, {size / 2**20:.1f} MiB, "
           f"{time.perf_counter() - t0:.1f} s)")

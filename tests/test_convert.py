@@ -9,7 +9,11 @@ output, interrupted conversions and --force.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -19,7 +23,7 @@ from _ckpt_utils import (SHARED_TOKENIZERS, default_model_path, logits, random_w
 from conftest import PROMPTS
 from llamarun import convert as convert_mod
 from llamarun.convert import convert
-from llamarun.errors import UsageError
+from llamarun.errors import RuntimeFailure, UsageError
 from llamarun.formats import load_checkpoint
 from llamarun.formats.gguf import open_reader, read_metadata
 
@@ -120,6 +124,30 @@ def test_real_model_outputs(converted):
 # ---- tiny models ---------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def umask_022():
+    """The usual umask while the test runs, so that the modes outputs get are known (0644 for a file)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (SIGXFSZ ignored, as a shell's trap '' does)."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A float32 Meta checkpoint with a SentencePiece tokenizer (tied output, to exercise untying)."""
@@ -139,7 +167,7 @@ def tiny(tmp_path_factory):
     ("llama2c", None, 0, 0), ("llama2c", None, 1, 0), ("llama2c", "q8_0", None, 0.15),
     ("gguf", None, None, 0), ("gguf", "float16", None, 0.01), ("gguf", "bfloat16", None, 0.05), ("gguf", "q8_0", None, 0.15),
 ])
-def test_tiny_targets(tiny, tmp_path, to, dtype, version, atol):
+def test_tiny_targets(tiny, tmp_path, umask_022, to, dtype, version, atol):
     src, vocab, _ = tiny
     name = {"meta": "out", "hf": "out", "llama2c": "out.bin", "gguf": "out.gguf"}[to]
     out = convert(src, tmp_path / name, to, dtype, progress=False, llama2c_version=version)
@@ -154,6 +182,9 @@ def test_tiny_targets(tiny, tmp_path, to, dtype, version, atol):
         assert ckpt.args.extra["llama2c_version"] == (2 if dtype == "q8_0" else version)
         assert (tmp_path / "tokenizer.bin").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no leftovers
+    # Every output gets a new file's usual mode (safetensors alone would write model.safetensors 0600).
+    modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in tmp_path.rglob("*") if f.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_hf_output_matches_transformers(tiny, tmp_path):
@@ -245,6 +276,51 @@ def test_bad_requests(tiny, tmp_path):
     with pytest.raises(UsageError, match="no such directory"):
         convert(src, tmp_path / "missing" / "x.gguf", "gguf", progress=False)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file.gguf").write_text("not a directory")
+    with pytest.raises(UsageError, match="file.gguf: not a directory"):
+        convert(src, tmp_path / "file.gguf" / "x.gguf", "gguf", progress=False)
+    # Neither the source itself nor a directory holding it is replaced, even with --force.
+    for out in (src, src.parent):
+        with pytest.raises(UsageError, match="would replace the checkpoint being read"):
+            convert(src, out, "hf", progress=False, force=True)
+    assert (src / "params.json").is_file()
+
+
+@pytest.mark.parametrize("to", ["gguf", "meta", "hf", "llama2c"])
+def test_write_failure_is_one_line(tiny, tmp_path, to):
+    """A write that fails (here: the file size limit, as `ulimit -f` sets it) is a RuntimeFailure naming the
+    output and the reason, whichever library wrote (numpy, torch.save, safetensors), with nothing left."""
+    src, _, _ = tiny
+    out = tmp_path / "out"
+    with file_size_limit(64 << 10), pytest.raises(RuntimeFailure) as e:  # the tiny model: ~400 KiB
+        convert(src, out, to, progress=False)
+    assert str(e.value) == f"cannot write {out}: File too large"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """ENOSPC: ``cannot write OUT: No space left on device``, exit 1, one line; other errors stay as they are."""
+    from conftest import assert_one_line_error
+
+    from _ckpt_utils import run_cli_in_process
+
+    src, _, _ = tiny
+    out = tmp_path / "out.bin"
+
+    def disk_full(f, arr):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(convert_mod, "_write_array", disk_full)
+    proc = run_cli_in_process(["convert", src, out, "--to", "llama2c", "--no-progress"], capsys)
+    assert_one_line_error(proc, 1, f"cannot write {out}: No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    staging = convert_mod.Staging(force=False)
+    tmp = staging.path(out)
+    assert staging.write_error(OSError(errno.ENOENT, "gone", str(tmp))) == "gone"  # about the output
+    assert staging.write_error(OSError(errno.ENOENT, "gone", str(src))) is None  # about something else
+    rust = RuntimeError(f"I/O error: Disk quota exceeded (os error {errno.EDQUOT})")  # safetensors, tokenizers
+    assert staging.write_error(rust) == os.strerror(errno.EDQUOT)
+    assert staging.write_error(RuntimeError("interrupted")) is None
 
 
 def test_command_line(tiny, tmp_path, capsys):

@@ -7,16 +7,24 @@ dequantized): top-1 agreement and perplexity. Run with ``-s`` to see the numbers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import errno
+import json
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _ckpt_utils import random_weights, run_cli_in_process, tiny_args, train_sentencepiece, write_meta
+from conftest import assert_one_line_error
 from llamarun import kernels
 from llamarun import quantize as Q
 from llamarun.config import ModelArgs
+from llamarun.errors import FormatError, RuntimeFailure
 from llamarun.formats.gguf import dequantize as gguf_dequantize
 from llamarun.formats.gguf import open_reader
 from llamarun.model import Transformer
@@ -380,3 +388,159 @@ def test_cli_subcommand(tmp_path, capsys, default_model_path):
     assert {v["mode"] for v in loaded.layers.values()} == {"int4", "int8"}
     with pytest.raises(SystemExit):
         parser.parse_args(["quantize", "a", "b", "--to", "int2"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output file: refused paths, failed writes, damaged files
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    """A tiny float32 Meta checkpoint with a SentencePiece tokenizer: a source quantized in milliseconds."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("tiny_src")
+    tok = train_sentencepiece(root)
+    args = tiny_args(spm.SentencePieceProcessor(model_file=str(tok)).vocab_size())
+    return write_meta(root / "src", args, random_weights(args), tokenizer=tok, dtype=torch.float32)
+
+
+@pytest.fixture
+def umask_022():
+    """The usual umask while the test runs, so that the mode of a new file is known (0644)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_cli_output_checks(tiny_src, tmp_path, capsys, umask_022):
+    """OUT is checked before any work, as ``llamarun convert`` checks it: an existing file needs --force,
+    the source is never replaced, the parent must be a directory, the name must say .safetensors."""
+    out = tmp_path / "q.safetensors"
+    proc = run_cli_in_process(["quantize", tiny_src, out, "--to", "int8"], capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert oct(stat.S_IMODE(out.stat().st_mode)) == "0o644"  # safetensors alone writes 0600
+    written = out.read_bytes()
+    assert_one_line_error(run_cli_in_process(["quantize", tiny_src, out, "--to", "int4"], capsys), 2,
+                          f"{out} already exists (pass --force to replace it)")
+    assert out.read_bytes() == written
+    assert run_cli_in_process(["quantize", tiny_src, out, "--to", "int4", "--force"], capsys).returncode == 0
+    assert {v["mode"] for v in Q.load_quantized(out).layers.values()} == {"int4", "int8"}
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF precious")
+    (tmp_path / "text.gguf").write_text("a file")
+    for target, force, needle in [
+        (gguf, False, "model.gguf: the output would replace the checkpoint being read"),
+        (gguf, True, "model.gguf: the output would replace the checkpoint being read"),
+        (tmp_path / "out.gguf", False, "out.gguf: the output is a safetensors file"),
+        (tmp_path / "text.gguf" / "a.safetensors", False, "text.gguf: not a directory"),
+        (tmp_path / "nodir" / "a.safetensors", True, "nodir: no such directory"),
+    ]:
+        args = ["quantize", gguf, target, "--to", "int8"] + ["--force"] * force
+        assert_one_line_error(run_cli_in_process(args, capsys), 2, needle)
+    assert gguf.read_bytes() == b"GGUF precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "q.safetensors", "text.gguf"]
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (SIGXFSZ ignored, as a shell's trap '' does)."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_cli_write_failure(tiny_src, tmp_path, capsys, monkeypatch):
+    """A failed write is one line naming OUT and why (exit 1), and leaves nothing behind."""
+    import safetensors.torch
+
+    out = tmp_path / "q.safetensors"
+    with file_size_limit(32 << 10):  # the tiny model quantized: ~120 KiB
+        proc = run_cli_in_process(["quantize", tiny_src, out, "--to", "int8"], capsys)
+    assert_one_line_error(proc, 1, f"cannot write {out}: File too large")
+    assert list(tmp_path.iterdir()) == []
+
+    def disk_full(*args, **kwargs):  # what safetensors raises: Rust's io::Error in its message
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    model = Q.quantize_model(_tiny(True), "int8")
+    with pytest.raises(RuntimeFailure, match=f"^cannot write {out}: {os.strerror(errno.ENOSPC)}$"):
+        Q.save_quantized(model, model.args, None, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite(src, dst, metadata=None, header=None):
+    """A copy of the safetensors file ``src`` with its metadata or header edited."""
+    blob = src.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    head = json.loads(blob[8 : 8 + n])
+    if metadata:
+        metadata(head["__metadata__"])
+    if header:
+        header(head)
+    text = json.dumps(head).encode()
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + n :])
+    return dst
+
+
+def test_damaged_files_are_format_errors(tmp_path, capsys):
+    """A quantized file cut short or with edited metadata is a one-line FormatError (exit 2), from
+    is_quantized_checkpoint (which Llama.load asks first), load_quantized and ``llamarun generate``."""
+    model = Q.quantize_model(_tiny(False), "int4")
+    good = Q.save_quantized(model, model.args, None, tmp_path / "good.safetensors")
+    blob = good.read_bytes()
+    header_end = 8 + int.from_bytes(blob[:8], "little")
+
+    def drop(key):
+        return lambda d: d.pop(key)
+
+    def edit(key, value):
+        return lambda d: d.update({key: value})
+
+    def qweight_shape(h):
+        h["layers.0.attention.wo.qweight"]["shape"] = [32, 64]  # the same bytes as [64, 32]: only the shape is off
+
+    wider = json.dumps({**model.args.to_dict(), "hidden_dim": 256})  # args the layers do not fit
+    cases = {
+        "cut.safetensors": ("bytes of tensor data, its header describes", lambda p: p.write_bytes(blob[:-5000])),
+        "header.safetensors": ("the file ends inside its", lambda p: p.write_bytes(blob[: header_end - 10])),
+        "version.safetensors": ("'version' is not an integer: 'x'", lambda p: _rewrite(good, p, edit("version", "x"))),
+        "layers.safetensors": ("no 'layers' in its metadata", lambda p: _rewrite(good, p, drop("layers"))),
+        "args.safetensors": ("no 'args' in its metadata", lambda p: _rewrite(good, p, drop("args"))),
+        "json.safetensors": ("'args' is not valid JSON", lambda p: _rewrite(good, p, edit("args", "{bad"))),
+        "config.safetensors": ("'args': dim 64 is not divisible by n_heads 5",
+                               lambda p: _rewrite(good, p, edit("args", json.dumps({**model.args.to_dict(), "n_heads": 5,
+                                                                                     "head_dim": None})))),
+        "missing.safetensors": ("missing tensor layers.0.attention.wo.scales", lambda p: _rewrite(
+            good, p, header=lambda h: h.update({"wo.scales": h.pop("layers.0.attention.wo.scales")}))),
+        "gap.safetensors": ("data at byte", lambda p: _rewrite(good, p, header=lambda h: h.pop("norm.weight"))),
+        "shape.safetensors": ("tensor layers.0.attention.wo.qweight is U8 [32, 64], expected",
+                              lambda p: _rewrite(good, p, header=qweight_shape)),
+        "model.safetensors": ("feed_forward.w13 has shape [256, 64], its args say [512, 64]",
+                              lambda p: _rewrite(good, p, edit("args", wider))),
+    }
+    for name, (needle, make) in cases.items():
+        path = tmp_path / name
+        make(path)
+        with pytest.raises(FormatError) as e:
+            Q.load_quantized(path)
+        assert str(e.value).startswith(f"{path}: corrupted or truncated llamarun quantized file ("), str(e.value)
+        assert needle in str(e.value), (name, str(e.value))
+        proc = run_cli_in_process(["generate", "-m", path, "-n", "2", "hi"], capsys)
+        assert_one_line_error(proc, 2, "corrupted or truncated llamarun quantized file", needle)
+    # A safetensors file cut inside its header, with nothing saying whose it was: not "unrecognised format".
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(len(b'{"x": 1}' * 100).to_bytes(8, "little") + b'{"x": 1}')
+    with pytest.raises(FormatError, match="truncated safetensors file"):
+        Q.is_quantized_checkpoint(other)
+    assert Q.is_quantized_checkpoint(good) and not Q.is_quantized_checkpoint(tmp_path / "missing.gguf")
