@@ -248,12 +248,21 @@ def describe(ckpt) -> dict:
     }
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def _open_checkpoint(path, tokenizer=None):
+    """A checkpoint for info and plan, weights unread: any format, or a ``llamarun quantize`` file."""
     from .formats import load_checkpoint
     from .generation import default_model_path
+    from .quantize import is_quantized_checkpoint, quantized_file_info
 
+    path = path or default_model_path()
+    if is_quantized_checkpoint(path):
+        return quantized_file_info(path, tokenizer)
+    return load_checkpoint(path, tokenizer)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
     _check_common(args)
-    ckpt = load_checkpoint(args.model or default_model_path(), args.tokenizer)
+    ckpt = _open_checkpoint(args.model, args.tokenizer)
     d = describe(ckpt)
     from .device import pick_device, pick_dtype, pick_kv_dtype
     from .generation import DEFAULT_MAX_SEQ_LEN
@@ -310,10 +319,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise UsageError("give a MODEL path or --config, not both")
         model_args, name, native = config_by_name(args.config), args.config, {}
     else:
-        from .formats import load_checkpoint
-        from .generation import default_model_path
-
-        ckpt = load_checkpoint(args.model or default_model_path())
+        ckpt = _open_checkpoint(args.model)
         model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
     seq = args.max_seq_len or min(model_args.max_seq_len, DEFAULT_MAX_SEQ_LEN)  # as Llama.load would
     plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=seq, memory=memory,

@@ -213,11 +213,12 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
 def native_quantization(ckpt) -> dict[str, str]:
     """The quantized modes a checkpoint converts to losslessly, as make_plan's keyword arguments:
     ``native_mode`` for the layers ('int4' from Q4_0/Q4_1, 'int8' from Q8_0, else 'none') and
-    ``edge_native_mode`` for the output table (or the embedding it is tied to)."""
+    ``edge_native_mode`` for the output table (or the embedding it is tied to). A llamarun-quantized file
+    names its layers' modes (int4, int8) as their types."""
     def mode(types: list[str]) -> str:
-        if types and all(t in ("Q4_0", "Q4_1") for t in types):
+        if types and all(t in ("Q4_0", "Q4_1", "int4") for t in types):
             return "int4"
-        if types and all(t == "Q8_0" for t in types):
+        if types and all(t in ("Q8_0", "int8") for t in types):
             return "int8"
         return "none"
 

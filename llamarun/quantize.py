@@ -781,6 +781,9 @@ def _tokenizer_payload(tokenizer_source: str | Path | None) -> tuple[str | None,
     return str(src.resolve()) if src.exists() else str(src), None
 
 
+_TOKENIZER_KEY = "__tokenizer_gguf_json__"  # the tensor holding an embedded GGUF tokenizer's metadata (JSON bytes)
+
+
 def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | None, out_path: str | Path, *,
                    force: bool = True) -> Path:
     """Write a quantized model as one safetensors file: its state dict (quantized layers as
@@ -806,7 +809,7 @@ def save_quantized(model: nn.Module, args: Any, tokenizer_source: str | Path | N
         embedding = {"kind": "quantized", "tied": emb.tied}
     src, tok_blob = _tokenizer_payload(tokenizer_source)
     if tok_blob is not None:
-        state["__tokenizer_gguf_json__"] = torch.frombuffer(bytearray(tok_blob), dtype=torch.uint8)
+        state[_TOKENIZER_KEY] = torch.frombuffer(bytearray(tok_blob), dtype=torch.uint8)
     meta = {
         "format": FORMAT_NAME, "version": str(FORMAT_VERSION),
         "args": json.dumps(args.to_dict()),
@@ -998,7 +1001,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     layers = json.loads(meta["layers"])
     embedding = json.loads(meta["embedding"])
     dtype = dtype or getattr(torch, meta.get("compute_dtype", "float32"))
-    tok_blob = state.pop("__tokenizer_gguf_json__", None)
+    tok_blob = state.pop(_TOKENIZER_KEY, None)
 
     model = meta_model(args)
     # The layers the metadata lists must be the model's: every linear layer, plus an untied quantized
@@ -1036,26 +1039,59 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             state.pop(name).to(device=device, dtype=dtype), requires_grad=False)
     model.rope = rope_cache(args, args.max_seq_len).to(device)
 
-    tokenizer = None
+    tokenizer = _quantized_file_tokenizer(path, meta, tok_blob, tokenizer_path)
+    return QuantizedCheckpoint(model.eval(), args, tokenizer, meta, path)
+
+
+def _quantized_file_tokenizer(path: Path, meta: dict, tok_blob: torch.Tensor | None, tokenizer_path: str | Path | None):
+    """A quantized file's tokenizer: ``tokenizer_path`` if given, else the GGUF tokenizer embedded in the
+    file (``tok_blob``), else the file it was made from if it still exists; None if there is none."""
     from .tokenizer import load_tokenizer_file, tokenizer_from_gguf
 
     if tokenizer_path is not None:
-        tokenizer = load_tokenizer_file(tokenizer_path)
-    elif tok_blob is not None:
+        return load_tokenizer_file(tokenizer_path)
+    if tok_blob is not None:
         try:
             tok_meta = json.loads(bytes(tok_blob.numpy()).decode())
         except ValueError:  # UnicodeDecodeError included
             raise _corrupted(path, "its embedded tokenizer is not valid JSON") from None
-        tokenizer = tokenizer_from_gguf(tok_meta)
-    elif meta.get("tokenizer_source") and Path(meta["tokenizer_source"]).exists():
+        return tokenizer_from_gguf(tok_meta)
+    if meta.get("tokenizer_source") and Path(meta["tokenizer_source"]).exists():
         src = Path(meta["tokenizer_source"])
         try:
-            tokenizer = load_tokenizer_file(src)
+            return load_tokenizer_file(src)
         except FormatError:
             from .formats import load_checkpoint
 
-            tokenizer = load_checkpoint(src).tokenizer
-    return QuantizedCheckpoint(model.eval(), args, tokenizer, meta, path)
+            return load_checkpoint(src).tokenizer
+    return None
+
+
+def quantized_file_info(path: str | Path, tokenizer_path: str | Path | None = None):
+    """A :func:`save_quantized` file described without reading its weights, as a ``formats.Checkpoint``
+    with no tensors (for ``llamarun info`` and ``plan``): its args, its tokenizer (see
+    :func:`load_quantized`) and, as tensor types, each quantized layer's mode."""
+    from safetensors import SafetensorError, safe_open
+
+    from .config import ModelArgs
+    from .formats import Checkpoint
+
+    path = Path(path)
+    if not is_quantized_checkpoint(path):  # raises FormatError for a damaged one
+        raise FormatError(f"{path}: not a llamarun quantized checkpoint")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            blob = f.get_tensor(_TOKENIZER_KEY) if _TOKENIZER_KEY in f.keys() else None
+    except SafetensorError as e:
+        raise _corrupted(path, str(e)) from None
+    layers = json.loads(meta["layers"])
+    tokenizer = _quantized_file_tokenizer(path, meta, blob, tokenizer_path)
+    if tokenizer is None:
+        raise FormatError(f"{path}: the tokenizer it was made with is gone; pass one with -z/--tokenizer")
+    return Checkpoint(args=ModelArgs(**json.loads(meta["args"])), tensors={}, tokenizer=tokenizer,
+                      format="llamarun-quantized", path=path,
+                      tensor_types={f"{name}.weight": info["mode"] for name, info in layers.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def test_help_lists_commands():
         assert cmd in proc.stdout
 
 
-def test_quantize_then_generate(tmp_path):
+def test_quantize_then_generate(tmp_path, capsys):
     out = tmp_path / "smollm2.int4.safetensors"
     proc = run_cli("quantize", str(out), "--to", "int4")
     assert proc.returncode == 0, proc.stderr
@@ -332,6 +332,14 @@ def test_quantize_then_generate(tmp_path):
     proc = run_cli("generate", "-m", str(out), "The capital of France is", "-n", "4", "-t", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(" Paris") and "int4 checkpoint" in proc.stderr
+    # info and plan read it too (header and tokenizer only).
+    info = run_cli_in_process(["info", out, "--json"], capsys)
+    assert info.returncode == 0, info.stderr
+    d = json.loads(info.stdout)
+    assert d["format"] == "llamarun-quantized" and d["layers"] == 30 and d["tokenizer"]["vocab_size"] == 49152
+    assert d["tensor_types"] == {"int4": 120, "int8": 1}  # 30 layers x (wqkv, wo, w13, w2), the output
+    plan = run_cli_in_process(["plan", out, "--json"], capsys)
+    assert plan.returncode == 0 and json.loads(plan.stdout)["choice"] == "int4", plan.stderr
 
 
 def test_gguf_types_outside_the_common_six_go_through_gguf_quants(tmp_path):
