@@ -165,6 +165,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"-n/--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     _check_common(args)
+    if args.seed is not None:
+        from .generation import check_seed
+
+        check_seed(args.seed)  # before loading: torch's own check comes only when generating
     prompts = args.prompts
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import operator
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
 from .memory import PREFILL_CHUNK, release_free_memory  # PREFILL_CHUNK: the memory plan's prefill chunk
 from .model import Transformer, checkpoint_names, rope_cache
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import NonFiniteLogits, SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
 
 
@@ -164,6 +165,63 @@ def place_layers(model: Transformer, device: torch.device, first_cpu_layer: int)
 
 DEFAULT_MAX_SEQ_LEN = 4096  # default context cap: the KV cache the plan reserves stays modest
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts (int64 or uint64)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or UsageError: torch raises a bare ValueError ("Overflow when unpacking long
+    long") outside SEED_RANGE, and a RuntimeError for a float."""
+    try:
+        seed = operator.index(seed)  # numpy integers too, which manual_seed itself refuses
+    except TypeError:
+        raise UsageError(f"seed must be an integer, got {seed!r}") from None
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UsageError(f"seed must be in -2**63 .. 2**64-1 (the range torch accepts), got {seed}")
+    return seed
+
+
+def _check_count(name: str, value, low: int) -> None:
+    """UsageError unless ``value`` is None or an integer >= ``low`` (a str or float would fail later, deep
+    in the planner or in torch, as a bare TypeError)."""
+    if value is None:
+        return
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{name} must be an integer, got {value!r}") from None
+    if n < low:
+        raise UsageError(f"{name} must be >= {low}, got {n}")
+
+
+def _check_path(name: str, value) -> None:
+    """UsageError unless ``value`` is None, a str or an os.PathLike (open() would raise a bare TypeError)."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{name} must be a file or directory path, got {value!r}")
+
+
+def _token_lists(prompt_tokens) -> list[list[int]]:
+    """``prompt_tokens`` (a list of prompts, each a list or tensor of token ids) as lists of ints, or
+    UsageError naming what is wrong: a str, a flat list of ids (one prompt not wrapped in a list), an id
+    that is not an integer."""
+    if isinstance(prompt_tokens, str) or (isinstance(prompt_tokens, torch.Tensor) and prompt_tokens.dim() != 2):
+        raise UsageError("prompt_tokens must be a list of prompts, each a list of token ids, got "
+                         f"{prompt_tokens!r:.60} (text goes to text_completion)")
+    out = []
+    for p in prompt_tokens:
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        elif isinstance(p, str) or not isinstance(p, Iterable):
+            raise UsageError(f"each prompt must be a list of token ids, got {p!r:.60} (wrap a single prompt "
+                             "in a list: [[1, 2, 3]])")
+        ids = []
+        for t in p:
+            try:
+                ids.append(operator.index(t))  # ints, numpy integers; not 1.5, not "7"
+            except TypeError:
+                raise UsageError(f"token ids must be integers, got {t!r:.60}") from None
+        out.append(ids)
+    return out
+
 
 @dataclass
 class TokenResult:
@@ -220,6 +278,8 @@ class Llama:
         from .device import pick_kv_dtype
         from .fastpath import accelerate
 
+        _check_count("max_seq_len", max_seq_len, 1)
+        _check_count("max_batch_size", max_batch_size, 1)
         accelerate(model)  # fused CPU kernels for the float32 glue between matrix products (no-op elsewhere)
         self.model = model
         self.tokenizer = tokenizer
@@ -308,12 +368,19 @@ class Llama:
         from .memory import make_plan, native_quantization
 
         t0 = time.perf_counter()
+        # Wrong types and values fail here, before any work, as one-line errors (not TypeErrors from deep
+        # inside the planner, or a max_batch_size of 0 that only the first generate call refuses).
+        _check_path("path", path)
+        _check_path("tokenizer_path", tokenizer_path)
+        _check_count("max_seq_len", max_seq_len, 1)
+        _check_count("max_batch_size", max_batch_size, 1)
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                                   or not memory > 0):
+            raise UsageError(f"memory must be a number of bytes > 0, got {memory!r}")
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
         kv = pick_kv_dtype(kv_dtype, dev, dt)
         set_threads(threads)
-        if max_seq_len is not None and max_seq_len < 1:
-            raise UsageError(f"max_seq_len must be >= 1, got {max_seq_len}")
         from .quantize import is_quantized_checkpoint
 
         if path is not None and is_quantized_checkpoint(path):
@@ -408,7 +475,7 @@ class Llama:
                              "use --nproc_per_node 1; shards of a checkpoint are merged on load")
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
             raise UsageError("LOCAL_RANK > 0 without a multi-process world")
-        torch.manual_seed(seed)
+        torch.manual_seed(check_seed(seed))
         return cls.load(ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                         max_batch_size=max_batch_size, **load_kwargs)
 
@@ -421,15 +488,18 @@ class Llama:
         Rows finish independently at a stop token or after ``max_gen_len`` tokens; the generator ends when
         every row has finished or the context is full.
         """
-        sampling = sampling or SamplingParams()
+        sampling = SamplingParams() if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise UsageError(f"sampling must be a SamplingParams, got {sampling!r:.60}")
+        _check_count("max_gen_len", max_gen_len, 0)
+        if seed is not None:
+            seed = check_seed(seed)
+        prompt_tokens = _token_lists(prompt_tokens)
         bsz = len(prompt_tokens)
         if bsz == 0:
             return
         if self.max_batch_size is not None and bsz > self.max_batch_size:
             raise UsageError(f"{bsz} prompts in one batch, more than max_batch_size {self.max_batch_size}")
-        if max_gen_len < 0:
-            raise UsageError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        prompt_tokens = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompt_tokens]
         lengths = [len(p) for p in prompt_tokens]
         if min(lengths) == 0:
             raise UsageError("a prompt is empty (no tokens): give some text or enable BOS")
@@ -479,7 +549,10 @@ class Llama:
                 with _one_cpu_thread(last):
                     if sampling.uses_penalties:
                         last = apply_penalties(last, tokens[:, :cur], tokens[:, :cur] >= 0, sampling)
-                    nxt = sample(last, sampling, gen)
+                    try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
+                        nxt = sample(last, sampling, gen)
+                    except NonFiniteLogits:
+                        raise NonFiniteLogits(last, position=cur - 1) from None
                     if cur < longest:  # rows still reading their prompt keep its token
                         nxt = torch.where(run.prompt_mask[:, cur], tokens[:, cur], nxt)
                     tokens[:, cur] = nxt
@@ -549,6 +622,7 @@ class Llama:
         """Meta's ``Llama.generate``: per prompt, the generated ids (with the prompt when ``echo``), cut
         before the first stop token, and their log-probabilities when ``logprobs``."""
         sampling = sampling or SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        prompt_tokens = _token_lists(prompt_tokens)  # lists of ints (a clear error for anything else)
         run = _Run(tokens=torch.empty(0), prompt_mask=torch.empty(0), token_logprobs=None)
         generated: list[list[int]] = [[] for _ in prompt_tokens]
         for r in self.stream(prompt_tokens, max_gen_len, sampling, logprobs=logprobs, ignore_eos=ignore_eos,
@@ -572,6 +646,12 @@ class Llama:
                         max_gen_len: int | None = None, logprobs: bool = False, echo: bool = False,
                         **kwargs) -> list[dict]:
         """Meta's ``text_completion``: [{"generation": str}] (+ "tokens", "logprobs" with ``logprobs``)."""
+        if isinstance(prompts, str) or not isinstance(prompts, Iterable):
+            raise UsageError(f"text_completion takes a list of prompts, got {prompts!r:.60}: pass [prompt]")
+        prompts = list(prompts)
+        for x in prompts:
+            if not isinstance(x, str):
+                raise UsageError(f"each prompt must be a str, got {x!r:.60} (token ids go to generate)")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x) for x in prompts]
@@ -588,6 +668,11 @@ class Llama:
         (+ "tokens", "logprobs"). The prompt follows the model's chat template (see :mod:`llamarun.chat`)."""
         from .chat import UNSAFE_ERROR, encode_dialog, has_unsafe_tags
 
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Iterable):
+            raise UsageError(f"chat_completion takes a list of dialogs, got {dialogs!r:.60}")
+        dialogs = list(dialogs)
+        if any(isinstance(d, (str, dict)) for d in dialogs):  # one dialog (a list of messages), not wrapped
+            raise UsageError("chat_completion takes a list of dialogs, each a list of messages: pass [dialog]")
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         prompt_tokens = [encode_dialog(d, self.tokenizer) for d in dialogs]

@@ -3,16 +3,41 @@
 Everything works on a batch: logits [B, V] float32 -> token ids [B]. Temperature 0 is greedy argmax.
 Nucleus sampling keeps the smallest set of most likely tokens whose probability mass reaches top_p,
 exactly like Meta's ``sample_top_p`` (the token that crosses the threshold is kept).
+
+Any positive temperature works, however small: logits are divided by it only after their row's maximum is
+subtracted (where the fast path's plain division overflows, it hands the row over). Logits with a NaN, or
+with an infinite maximum, raise :class:`NonFiniteLogits`, greedy decoding included.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from . import kernels
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
+
+_F32_MAX = torch.finfo(torch.float32).max
+_F32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
+
+
+class NonFiniteLogits(RuntimeFailure):
+    """Logits holding a NaN, or whose largest value is infinite: there is no distribution to sample and no
+    token to pick. A model with damaged weights gives them (or one whose activations overflow its dtype).
+    ``position``: where in the sequence the logits come from, when the caller knows it."""
+
+    def __init__(self, logits: torch.Tensor, position: int | None = None) -> None:
+        x = logits.detach().float().reshape(-1, logits.shape[-1])
+        nan = torch.isnan(x).any(dim=-1)
+        self.rows = (nan | ~torch.isfinite(x.amax(dim=-1))).nonzero().flatten().tolist()
+        what = "NaN" if bool(nan.any()) else "infinite"
+        where = f" at position {position}" if position is not None else ""
+        row = f" in row {self.rows[0]}" if x.shape[0] > 1 and self.rows else ""
+        super().__init__(f"the model produced {what} logits{where}{row} (damaged weights?)")
 
 
 @dataclass(frozen=True)
@@ -28,7 +53,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI-style: subtract penalty once a token has appeared
 
     def __post_init__(self) -> None:
-        check_sampling_values(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+        check_sampling_values(self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty,
+                              self.frequency_penalty, self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -40,18 +66,32 @@ class SamplingParams:
 
 
 def check_sampling_values(temperature: float, top_p: float, top_k: int | None = None, min_p: float = 0.0,
-                          repetition_penalty: float = 1.0) -> None:
-    """Raise UsageError naming the first invalid value."""
-    if not (temperature >= 0):  # also rejects NaN
-        raise UsageError(f"temperature must be >= 0, got {temperature}")
+                          repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0) -> None:
+    """Raise UsageError naming the first invalid value (a wrong type included)."""
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):
+        if not isinstance(value, numbers.Real):  # "0.7" from a config file would fail deep in torch
+            raise UsageError(f"{name} must be a number, got {value!r}")
+    if not (0 <= temperature < math.inf):  # also rejects NaN; an infinite one makes -inf / inf = NaN
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (0 < top_p <= 1):
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise UsageError(f"top_k must be >= 0, got {top_k}")
+    if top_k is not None:
+        try:
+            top_k = operator.index(top_k)
+        except TypeError:
+            raise UsageError(f"top_k must be an integer, got {top_k!r}") from None
+        if top_k < 0:
+            raise UsageError(f"top_k must be >= 0, got {top_k}")
     if not (0 <= min_p <= 1):
         raise UsageError(f"min_p must be in [0, 1], got {min_p}")
-    if not (repetition_penalty > 0):
-        raise UsageError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if not (0 < repetition_penalty < math.inf):
+        raise UsageError(f"repetition_penalty must be a finite number > 0, got {repetition_penalty}")
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value}")
 
 
 def apply_penalties(logits: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor,
@@ -66,7 +106,12 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, history_mask: t
     if params.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    return logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+    logits = logits - params.frequency_penalty * counts - params.presence_penalty * seen.to(logits.dtype)
+    if params.repetition_penalty < 1.0 or params.frequency_penalty < 0.0 or params.presence_penalty < 0.0:
+        # Penalties that raise logits can overflow them to +inf, and sampling subtracts the row's maximum:
+        # inf - inf would be NaN. The largest float keeps such a token the most likely one.
+        logits.clamp_(max=_F32_MAX)
+    return logits
 
 
 def _cut_min_p(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -81,8 +126,17 @@ def _cut_top_p(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [B, V] after temperature, top-k, min-p and top-p; renormalised, zeros outside."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    """Probabilities [B, V] after temperature, top-k, min-p and top-p; renormalised, zeros outside.
+    Raises NonFiniteLogits when a row has a NaN or an infinite maximum."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    top = x.amax(dim=-1, keepdim=True)  # NaN when the row has one
+    if not bool(torch.isfinite(top).all()):
+        raise NonFiniteLogits(logits)
+    # Logits / temperature overflows to inf for a temperature near 0 (1e-45), and softmax then computes
+    # inf - inf = NaN. After subtracting the maximum, x / temperature is 0 for the best tokens and at worst
+    # -inf for the others. The divisor stays at least float32's smallest normal number, which cannot round
+    # to 0 (0 / 0 = NaN); below it only logits within ~1e-36 of the maximum (possible only near 0) keep a share.
+    probs = torch.softmax((x - top) / max(params.temperature, _F32_TINY), dim=-1)
     if params.top_k:
         kth = torch.topk(probs, min(params.top_k, probs.shape[-1]), dim=-1).values[..., -1:]
         probs = torch.where(probs < kth, 0.0, probs)
@@ -112,6 +166,9 @@ def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch
         scaled = logits.float() / params.temperature
         vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
         logz = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    # logz is NaN or infinite when a logit is NaN, or when x / temperature overflows float32 (a temperature
+    # near 0): filtered_probs, which scales safely and reports NaN, takes such rows.
+    finite = torch.isfinite(logz[:, 0])
     p = torch.exp(vals - logz)  # the candidates' true probabilities
     covered = torch.full(p.shape[:1], bool(params.top_k) and params.top_k <= k)  # top-k keeps only these
     if params.min_p > 0:
@@ -121,15 +178,27 @@ def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch
     if params.top_p < 1.0:
         covered |= p.sum(dim=-1) > params.top_p  # the mass before any other token already exceeds top_p
         p = _cut_top_p(p, params.top_p)
-    return (p, idx) if bool(covered.all()) else None
+    return (p, idx) if bool((covered & finite).all()) else None
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token per row from logits [B, V] -> [B] (int64)."""
+    """Pick one token per row from logits [B, V] -> [B] (int64). Raises NonFiniteLogits for a row with a NaN
+    or an infinite maximum."""
     if params.greedy:
+        # argmax picks a row's first NaN if it has one (the kernel does as torch.argmax), so one look at each
+        # picked logit finds NaN logits, and an infinite maximum, without another pass over the vocabulary.
         if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
-            return torch.ops.llamarun.argmax(logits.contiguous())  # torch's CPU argmax is scalar: ~20x slower
-        return logits.argmax(dim=-1)
+            rows = logits.contiguous()
+            ids = torch.ops.llamarun.argmax(rows)  # torch's CPU argmax is scalar: ~20x slower
+            # Through numpy the look costs ~3 us a step (gather + isfinite + all: ~15-20 us).
+            values = (rows.detach() if rows.requires_grad else rows).numpy()
+            finite = all(math.isfinite(values.item(r, c)) for r, c in enumerate(ids.tolist()))
+        else:
+            ids = logits.argmax(dim=-1)
+            finite = bool(torch.isfinite(logits.gather(-1, ids.unsqueeze(-1))).all())
+        if not finite:
+            raise NonFiniteLogits(logits)
+        return ids
     if logits.dim() == 2 and logits.shape[-1] > CANDIDATES:
         cand = candidate_probs(logits, params)
         if cand is not None:  # the usual case: the nucleus is a few dozen tokens

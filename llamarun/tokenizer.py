@@ -23,9 +23,9 @@ import re
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .errors import FormatError
+from .errors import FormatError, UsageError
 
 # Token types, numbered as in GGUF's tokenizer.ggml.token_type and in SentencePiece's ModelProto.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -88,6 +88,25 @@ class Tokenizer(ABC):
         if eos and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+
+def _encode_str(encode: Callable[[str], list[int]], text: Any, failures: tuple[type[Exception], ...]) -> list[int]:
+    """``encode(text)`` for any str, UsageError for anything else.
+
+    A str that UTF-8 cannot encode (lone surrogates: what ``surrogateescape``, with which the CLI reads
+    argv and stdin, makes of invalid UTF-8) makes the libraries raise one of ``failures``; it is then
+    encoded with U+FFFD in place of each lone surrogate (a surrogate pair becomes its character), as
+    tiktoken does. Only that rare case pays for the copy.
+    """
+    if not isinstance(text, str):
+        raise UsageError(f"text to encode must be a str, got {text!r:.60}")
+    try:
+        return encode(text)
+    except failures:
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if fixed == text:
+            raise  # it failed for another reason
+        return encode(fixed)
 
 
 def _valid_id(token_id: Any, vocab_size: int) -> int | None:
@@ -351,7 +370,9 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         # add_special_tokens=False: BOS/EOS are ours to add, not the file's post-processor's.
-        return self._with_specials(self.backend.encode(text, add_special_tokens=False).ids, bos, eos)
+        # TypeError ("TextInputSequence must be str") is what `tokenizers` says about a lone surrogate.
+        ids = _encode_str(lambda t: self.backend.encode(t, add_special_tokens=False).ids, text, (TypeError,))
+        return self._with_specials(ids, bos, eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -564,6 +585,11 @@ class SentencePieceTokenizer(Tokenizer):
     # -- encoding ----------------------------------------------------------------------------------------
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        # A lone surrogate: UnicodeEncodeError from byte fallback, RuntimeError from the sentencepiece library.
+        return self._with_specials(_encode_str(self._encode, text, (UnicodeEncodeError, RuntimeError)), bos, eos)
+
+    def _encode(self, text: str) -> list[int]:
+        """Text to ids, without BOS/EOS."""
         ids: list[int] = []
         for part in self._split_specials(text):
             if isinstance(part, int):
@@ -575,7 +601,7 @@ class SentencePieceTokenizer(Tokenizer):
                 # chat code, which encodes each turn separately) gives each one a dummy prefix.
                 prefix = _SPM_SPACE if self.add_space_prefix else ""
                 ids += self._bpe(prefix + part.replace(" ", _SPM_SPACE))
-        return self._with_specials(ids, bos, eos)
+        return ids
 
     def _split_specials(self, text: str) -> Iterator[str | int]:
         """Yield the text's non-empty plain fragments (str) and the ids of special tokens in it (int)."""
@@ -726,7 +752,9 @@ class TiktokenTokenizer(Tokenizer):
         return cls(ranks, name=path.name)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
-        return self._with_specials(self.model.encode(text, allowed_special="all"), bos, eos)
+        # tiktoken replaces lone surrogates itself (today); _encode_str keeps that true for every version.
+        ids = _encode_str(lambda t: self.model.encode(t, allowed_special="all"), text, (UnicodeEncodeError,))
+        return self._with_specials(ids, bos, eos)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.model.decode_bytes([i for i in ids if 0 <= i < self.vocab_size])

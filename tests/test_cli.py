@@ -200,6 +200,7 @@ def test_tokenizer_option_overrides_a_gguf_tokenizer(tmp_path, default_model_pat
     (["--threads", "99999"], "--threads must be between 1 and"),  # torch would spawn them all: hang or crash
     (["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
     (["-z", "/nonexistent/tokenizer.model"], "no such tokenizer file"),
+    (["--seed", str(2**64)], "seed must be in"),
 ])
 def test_invalid_values(args, needle, capsys):
     # In-process (the same main() the console script calls): these fail before any model loads.

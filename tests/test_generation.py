@@ -358,3 +358,83 @@ def test_load_runs_no_garbage_collection_and_restores_the_collector():
     finally:
         gc.callbacks.remove(count)
     assert 2 not in during and 1 not in during  # at most the young generation, right after it is back on
+
+
+def test_nan_logits_are_a_runtime_failure_naming_the_position(monkeypatch):
+    """A model with a NaN weight: sampling raised torch.multinomial's bare RuntimeError, and greedy decoding
+    returned argmax's pick of a NaN (an empty completion when it was a stop token); both now raise
+    RuntimeFailure at the first position whose logits are NaN, with or without the CPU kernels."""
+    from llamarun import kernels
+    from llamarun.errors import RuntimeFailure
+
+    llm = tiny_llama(stop_ids={3})
+    with torch.no_grad():
+        llm.model.output.weight[3, 0] = float("nan")  # token 3's logit is NaN at every position
+    for _ in range(2):
+        for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.8),
+                       SamplingParams(temperature=0, presence_penalty=0.5)):
+            with pytest.raises(RuntimeFailure, match=r"^the model produced NaN logits at position 3 \(damaged"):
+                llm.generate([[1, 2, 3, 4]], 4, sampling=params)
+        with pytest.raises(RuntimeFailure, match="NaN logits at position 1 in row 0"):
+            llm.generate([[5, 6, 7], [1, 2]], 4, temperature=0)
+        monkeypatch.setattr(kernels, "available", lambda: False)  # the portable path, as on accelerators
+
+
+def test_a_temperature_near_zero_generates_the_greedy_tokens():
+    """`llamarun generate -t 1e-45` crashed with torch.multinomial's RuntimeError; such a temperature now
+    samples the argmax, like temperature 0, through top-p, top-k and penalties alike."""
+    llm = tiny_llama()
+    greedy, _ = llm.generate([[3, 7, 11]], 8, temperature=0)
+    for kw in (dict(top_p=1.0), dict(top_p=0.9), dict(top_k=5), dict(repetition_penalty=1.0 + 1e-9)):
+        for t in (1e-45, 1e-320):
+            params = SamplingParams(temperature=t, **{"top_p": 1.0, **kw})
+            assert llm.generate([[3, 7, 11]], 8, sampling=params, seed=0)[0] == greedy, (t, kw)
+
+
+def test_seed_outside_torch_range_is_a_usage_error():
+    """torch.Generator.manual_seed takes -2**63 .. 2**64-1; beyond, a bare ValueError ("Overflow when
+    unpacking long long") escaped."""
+    llm = tiny_llama()
+    for seed in (2**70, 2**64, -(2**63) - 1):
+        with pytest.raises(UsageError, match=rf"seed must be in -2\*\*63 \.\. 2\*\*64-1 .*got {seed}$"):
+            list(llm.stream([[1, 2]], 2, seed=seed))
+    with pytest.raises(UsageError, match="seed must be an integer, got 1.5"):
+        llm.generate([[1, 2]], 2, seed=1.5)
+    with pytest.raises(UsageError, match="got 1180591620717411303424"):
+        Llama.build("unused", seed=2**70)
+    for seed in (2**64 - 1, -(2**63)):  # the ends of the range are accepted
+        assert len(llm.generate([[1, 2]], 2, temperature=1.0, seed=seed)[0][0]) == 2
+
+
+def test_api_misuse_is_a_usage_error():
+    """Wrong types reached the user as TypeError / AttributeError from deep inside, or were silently
+    misread (a str of 3 characters as 3 prompts); each is now a one-line UsageError naming the value."""
+    llm = tiny_llama()
+    cases = [
+        (lambda: llm.text_completion([1]), "each prompt must be a str, got 1"),
+        (lambda: llm.text_completion("1 2 3"), "text_completion takes a list of prompts, got '1 2 3': pass [prompt]"),
+        (lambda: llm.chat_completion([{"role": "user", "content": "hi"}]), "each a list of messages: pass [dialog]"),
+        (lambda: llm.chat_completion("hi"), "chat_completion takes a list of dialogs, got 'hi'"),
+        (lambda: llm.generate([1, 2], 2), "each prompt must be a list of token ids, got 1"),
+        (lambda: llm.generate("1 2", 2), "prompt_tokens must be a list of prompts"),
+        (lambda: llm.generate([[1.5, 2]], 2), "token ids must be integers, got 1.5"),
+        (lambda: llm.generate([[1, 2]], "2"), "max_gen_len must be an integer, got '2'"),
+        (lambda: llm.generate([[1, 2]], 2, temperature="0.5"), "temperature must be a number, got '0.5'"),
+        (lambda: list(llm.stream([[1, 2]], 2, sampling=0.5)), "sampling must be a SamplingParams, got 0.5"),
+        (lambda: Llama.load(123), "path must be a file or directory path, got 123"),
+        (lambda: Llama.load(max_seq_len="x"), "max_seq_len must be an integer, got 'x'"),
+        (lambda: Llama.load(max_batch_size=0), "max_batch_size must be >= 1, got 0"),
+        (lambda: Llama.load(memory="1G"), "memory must be a number of bytes > 0, got '1G'"),
+        (lambda: Llama(llm.model, llm.tokenizer, max_batch_size=0), "max_batch_size must be >= 1, got 0"),
+    ]
+    for call, message in cases:
+        with pytest.raises(UsageError) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value), (message, str(e.value))
+    # What still works: tuples of prompts, numpy ids, a 2-D tensor of prompts.
+    import numpy as np
+
+    assert len(llm.text_completion(("1 2",), max_gen_len=2)) == 1
+    want = llm.generate([[1, 2]], 2, temperature=0)
+    assert llm.generate([np.array([1, 2])], 2, temperature=0) == want
+    assert llm.generate(torch.tensor([[1, 2]]), 2, temperature=0) == want

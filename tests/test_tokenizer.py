@@ -439,6 +439,33 @@ def test_stream_decoder_window_stays_small(smollm):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Text that UTF-8 cannot encode
+
+
+@pytest.mark.parametrize("name", ["smollm", "llama2c", "tiktoken", "sentencepiece-library", "gguf-llama-tiny"])
+def test_lone_surrogates_encode_as_replacement_characters(request, name):
+    """The CLI reads argv and stdin with surrogateescape: invalid UTF-8 arrives as lone surrogates, which
+    `tokenizers` refused with "TypeError: TextInputSequence must be str" (byte fallback with
+    UnicodeEncodeError, the sentencepiece library with RuntimeError). Each becomes U+FFFD; a surrogate pair
+    becomes its character; a non-str is a UsageError."""
+    from llamarun.errors import UsageError
+
+    if name == "sentencepiece-library":
+        tok = SentencePieceTokenizer.from_sentencepiece_model(request.getfixturevalue("tiny_sp_model"))
+    elif name == "gguf-llama-tiny":  # no byte tokens: the hand encoder's UNK fallback
+        tok = tokenizer_from_gguf({"tokenizer.ggml.model": "llama",
+                                   "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "\u2581a"]})
+    else:
+        tok = request.getfixturevalue({"tiktoken": "tiny_tiktoken"}.get(name, name))
+    escaped = b"caf\xe9 \xff!".decode("utf-8", "surrogateescape")  # 'caf\udce9 \udcff!'
+    assert tok.encode(escaped, bos=False) == tok.encode("caf\ufffd \ufffd!", bos=False) != []
+    assert tok.encode("a\ud83d\ude00 b", bos=True) == tok.encode("a\U0001f600 b", bos=True)
+    assert tok.encode("plain text") == tok.encode("plain text")  # the common path is untouched
+    with pytest.raises(UsageError, match="text to encode must be a str, got 5"):
+        tok.encode(5)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Errors: one line, naming the file or the key
 
 
