@@ -268,16 +268,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     _check_common(args)
     ckpt = _open_checkpoint(args.model, args.tokenizer)
     d = describe(ckpt)
-    from .device import pick_device, pick_dtype, pick_kv_dtype
-    from .generation import DEFAULT_MAX_SEQ_LEN
-    from .memory import make_plan, native_quantization
+    from .device import pick_device
+    from .generation import DEFAULT_MAX_SEQ_LEN, plan_load
+    from .memory import native_quantization
 
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     try:
-        plan = make_plan(ckpt.args, device, dtype,
+        plan = plan_load(ckpt.args, device, args.dtype, args.kv_dtype,
                          max_seq_len=args.max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN),
-                         kv_dtype=pick_kv_dtype(args.kv_dtype, device, dtype), **native_quantization(ckpt))
+                         **native_quantization(ckpt))[0]
         d["load_plan"] = plan_summary(plan)
     except LlamarunError as e:
         d["load_plan"] = f"does not fit: {e}"
@@ -302,10 +301,9 @@ def _known_configs() -> list[str]:
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from .device import pick_device, pick_dtype, pick_kv_dtype
-    from .memory import config_by_name, format_plan, make_plan, native_quantization, parse_size
-
-    from .generation import DEFAULT_MAX_SEQ_LEN
+    from .device import pick_device, pick_dtype
+    from .generation import DEFAULT_MAX_SEQ_LEN, plan_load
+    from .memory import config_by_name, format_plan, native_quantization, parse_size
 
     memory = parse_size(args.memory) if args.memory else None
     _check_max_seq_len(args.max_seq_len)
@@ -317,7 +315,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         dtype = torch.float16 if args.dtype == "auto" else pick_dtype(args.dtype, device)
     else:
         device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        dtype = args.dtype  # "auto" resolved as Llama.load does (plan_load)
     if args.config:
         if args.model:
             raise UsageError("give a MODEL path or --config, not both")
@@ -326,9 +324,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ckpt = _open_checkpoint(args.model)
         model_args, name, native = ckpt.args, str(ckpt.path), native_quantization(ckpt)
     seq = args.max_seq_len or min(model_args.max_seq_len, DEFAULT_MAX_SEQ_LEN)  # as Llama.load would
-    plan = make_plan(model_args, device, dtype, batch=args.batch, max_seq_len=seq, memory=memory,
+    plan = plan_load(model_args, device, dtype, args.kv_dtype, batch=args.batch, max_seq_len=seq, memory=memory,
                      quantize=args.quantize, group_size=args.group_size, offload_layers=args.offload_layers,
-                     kv_dtype=pick_kv_dtype(args.kv_dtype, device, dtype), **native)
+                     **native)[0]
     print(json.dumps(dict(plan.to_dict(), model=name), indent=2) if args.json else format_plan(plan, name))
     return 0
 

@@ -47,6 +47,25 @@ def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torc
     return None
 
 
+def plan_load(args, device: torch.device, dtype: str | torch.dtype = "auto", kv_dtype: str | torch.dtype = "auto",
+              **plan_kwargs):
+    """The memory plan ``Llama.load`` follows, for ``plan``/``info`` to print the same one: returns (plan,
+    activation dtype, KV cache dtype, ``dense_dtype`` or None). A quantized model on a CPU with native bf16
+    keeps float32 activations (see :func:`_dense_dtype`), so it is planned with them and their KV cache."""
+    from .device import pick_dtype, pick_kv_dtype
+    from .memory import make_plan
+
+    dt = pick_dtype(dtype, device)
+    kv = pick_kv_dtype(kv_dtype, device, dt)
+    plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
+    dense = _dense_dtype(dtype, device, dt, plan.quantize)
+    if dense is not None:
+        dt = torch.float32
+        kv = pick_kv_dtype(kv_dtype, device, dt)
+        plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
+    return plan, dt, kv, dense
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
     """Run torch's CPU ops on one thread inside: sampling's ops over a 32-49K vocabulary are too small to
@@ -365,7 +384,7 @@ class Llama:
         (``dense_dtype``), an unquantized one bf16. Raises RuntimeFailure, before allocating, when nothing fits.
         """
         from .device import pick_kv_dtype
-        from .memory import make_plan, native_quantization
+        from .memory import native_quantization
 
         t0 = time.perf_counter()
         # Wrong types and values fail here, before any work, as one-line errors (not TypeErrors from deep
@@ -398,18 +417,10 @@ class Llama:
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
         release_free_memory()  # what building the tokenizer freed, before the weights arrive
         seq = max_seq_len or min(ckpt.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
-
-        def plan_for(dt: torch.dtype, kv: torch.dtype):
-            return make_plan(ckpt.args, dev, dt, batch=max_batch_size or 1, max_seq_len=seq, memory=memory,
-                             quantize=quantize, group_size=group_size, offload_layers=offload_layers,
-                             kv_dtype=kv, **native_quantization(ckpt))
-
-        plan = plan_for(dt, kv)
-        dense = _dense_dtype(dtype, dev, dt, plan.quantize)
-        if dense is not None:  # quantized on a bf16 CPU: float32 activations, bf16 only in the prefill GEMMs
-            dt = torch.float32
-            kv = pick_kv_dtype(kv_dtype, dev, dt)
-            plan = plan_for(dt, kv)
+        # A quantized model on a bf16 CPU: float32 activations, bf16 only in the prefill GEMMs (``dense``).
+        plan, dt, kv, dense = plan_load(ckpt.args, dev, dtype, kv_dtype, batch=max_batch_size or 1,
+                                        max_seq_len=seq, memory=memory, quantize=quantize, group_size=group_size,
+                                        offload_layers=offload_layers, **native_quantization(ckpt))
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":

@@ -129,6 +129,30 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not __import__("llamarun").kernels.available(), reason="needs the CPU kernels")
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_plan_and_info_print_the_plan_load_follows(monkeypatch, capsys, bf16_cpu):
+    """`plan` and `info` show the activations and KV cache ``Llama.load`` will use: on a CPU with native
+    bf16 a quantized model keeps float32 activations (and a float16 KV cache), an unquantized one is bf16."""
+    import json
+
+    from llamarun import cli, device
+    from llamarun.memory import _fmt
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: bf16_cpu)
+    llm = Llama.load(None)
+    assert cli.main(["plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["dtype"], plan["kv_dtype"], plan["total"]) == (llm.plan.dtype, llm.plan.kv_dtype, llm.plan.total)
+    assert (plan["dtype"], plan["kv_dtype"]) == ("float32", "float16")
+    assert plan["weights"]["int4"] < plan["weights"]["int8"] < plan["weights"]["float32"]
+    assert cli.main(["info", "--json"]) == 0
+    assert f"{_fmt(llm.plan.total)} planned of" in json.loads(capsys.readouterr().out)["load_plan"]
+    assert cli.main(["plan", "--json", "--quantize", "none"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["dtype"], plan["kv_dtype"]) == (("bfloat16",) * 2 if bf16_cpu else ("float32", "float16"))
+
+
 def test_temperature_zero_is_argmax():
     llm = tiny_llama()
     prompt = [3, 7, 11]

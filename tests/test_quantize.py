@@ -369,6 +369,7 @@ def test_save_load_round_trip_smollm2(llm, fp32, tmp_path, default_model_path, m
     assert size < 0.2 * Q.model_nbytes(fp32), size  # vs float32
     from llamarun import Llama, device
 
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
     assert Llama.load(out).dense_dtype == torch.float32
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     bf16_cpu = Llama.load(out)
