@@ -241,7 +241,10 @@ class LlamaCppEngine:
         _logger.set_verbose(False)  # llama.cpp's load log (hundreds of lines) only on errors
         t = time.perf_counter()
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(spec["model"].encode(), llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        if not spec.get("extra_bufts", True):  # see run_column: without the AMX / repacked-weight buffers
+            model_params.use_extra_bufts = False
+        self.model = llama_cpp.llama_model_load_from_file(spec["model"].encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {spec['model']}")
         params = llama_cpp.llama_context_default_params()
@@ -493,10 +496,25 @@ def columns(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 
 def run_column(col: dict, args: argparse.Namespace, log=None) -> dict:
+    """One column in its own process. A llama.cpp that crashes (measured: ggml's AMX matmul segfaults on
+    Q4_1 on a Sapphire Rapids VM, llama-cpp-python 0.3.36) is run again without its extra CPU buffer types
+    (AMX, repacked weights), its portable CPU path, and says so in its notes."""
+    data = _run_column(col, args)
+    if col["engine"] == "llama.cpp" and data.get("error", "").startswith("crashed"):
+        first = data["error"]
+        data = _run_column(col, args, extra_bufts=False)
+        data.setdefault("notes", []).insert(0, f"{first} with its extra CPU buffer types (AMX, repacked weights): "
+                                               "these numbers are without them (use_extra_bufts = false)")
+        data["weights"] = data.get("weights", "gguf as stored") + " (no AMX/repack)"
+    return data
+
+
+def _run_column(col: dict, args: argparse.Namespace, extra_bufts: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="llamarun-compare-") as tmp:
         spec = {"engine": col["engine"], "mode": col["mode"], "model": args.model, "threads": args.threads,
                 "prefill": args.prefill, "batch": args.batch, "decode_tokens": args.decode_tokens,
-                "context": args.context, "repeat": args.repeat, "out": os.path.join(tmp, "result.json")}
+                "context": args.context, "repeat": args.repeat, "out": os.path.join(tmp, "result.json"),
+                "extra_bufts": extra_bufts}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)

@@ -71,18 +71,19 @@ class FastLinear(nn.Linear):
         return super().forward(x)
 
 
-def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, tuple[torch.Tensor, ...]] | None:
-    """(bits, group size, 3 weight tensors) of a linear layer for ``decode_layers``, or None if the op
-    cannot run it as its own forward would (another dtype or device, a bias, the dense large-batch path)."""
+def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, int, tuple[torch.Tensor, ...]] | None:
+    """(bits, group size, bf16 tile rows, 3 weight tensors) of a linear layer for ``decode_layers``, or None
+    if the op cannot run it as its own forward would (another dtype or device, a bias, the dense path)."""
     if isinstance(lin, QuantizedLinear) and lin.mode in _BITS:
         if not (lin.qweight.is_cpu and rows < lin.dense_min_rows and lin._kernel_ok()):
             return None
-        *tensors, group = lin._kernel_args()[1]  # what the layer passes its own kernel: tensors, group size
-        return _BITS[lin.mode], group, tuple(tensors) + (tensors[0],) * (3 - len(tensors))
+        # What the layer passes its own kernel: tensors, group size, tile rows.
+        *tensors, group, tiles = lin._kernel_args()[1]
+        return _BITS[lin.mode], group, tiles, tuple(tensors) + (tensors[0],) * (3 - len(tensors))
     if type(lin) is FastLinear and lin.bias is None:
         w = lin.weight
         if _cpu_f32(w) and w.is_contiguous():
-            return 32, 0, (w, w, w)
+            return 32, 0, 0, (w, w, w)
     return None
 
 
@@ -162,8 +163,8 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
             spec = _linear_spec(lin, rows)
             if spec is None:
                 return None
-            kinds += spec[:2]
-            weights += spec[2]
+            kinds += spec[:3]
+            weights += spec[3]
         kc.append(cache.k)
         vc.append(cache.v)
     modules = [m for layer in model.layers for m in layer.modules()]
@@ -171,8 +172,8 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
     head = (type(norm) is FastRMSNorm and norm.eps == model.args.norm_eps and _cpu_f32(norm.weight)
             and out is not None)
     if head:
-        weights += (norm.weight,) + out[2]
-        kinds += out[:2]
+        weights += (norm.weight,) + out[3]
+        kinds += out[:3]
         modules += [norm, model.output]
     return weights, kinds, kc, vc, [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)], head
 

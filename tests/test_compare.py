@@ -222,10 +222,31 @@ def test_llama_cpp_engine_runs_sequences_as_a_batch():
     pytest.importorskip("llama_cpp")
     from llamarun.generation import default_model_path
 
+    # Without llama.cpp's AMX / repacked-weight buffers: its AMX matmul segfaults on some machines (see
+    # run_column), which would take pytest down with it; this test is about our batching.
     spec = {"model": str(default_model_path()), "batch": [1, 3], "prefill": [32], "decode_tokens": 4, "context": [],
-            "threads": 2}
+            "threads": 2, "extra_bufts": False}
     eng = compare.LlamaCppEngine(spec)
     prompts = compare.make_prompts(eng.vocab, 3, compare.DECODE_PROMPT_LEN)
     together = eng._prefill(prompts)
     assert together == [eng._prefill([p])[0] for p in prompts]
     assert eng.decode(prompts, 4) > 0 and eng.prefill(prompts[0][:8]) > 0
+
+
+def test_a_crashing_llama_cpp_column_runs_again_without_extra_buffers(monkeypatch):
+    """llama.cpp's AMX path crashed (SIGSEGV) on a Sapphire Rapids VM: the column is run again without its
+    extra CPU buffer types, and the table says so; other engines' crashes are reported as they are."""
+    calls = []
+
+    def fake(col, args, extra_bufts=True):
+        calls.append((col["engine"], extra_bufts))
+        return {"error": "crashed (SIGSEGV)"} if extra_bufts else {"weights": "gguf as stored", "decode": {"1": 9.0}}
+
+    monkeypatch.setattr(compare, "_run_column", fake)
+    out = compare.run_column({"engine": "llama.cpp", "mode": "gguf", "name": "llama.cpp"}, None)
+    assert calls == [("llama.cpp", True), ("llama.cpp", False)]
+    assert "error" not in out and out["decode"] == {"1": 9.0} and out["weights"].endswith("(no AMX/repack)")
+    assert out["notes"][0].startswith("crashed (SIGSEGV) with its extra CPU buffer types")
+    calls.clear()
+    assert compare.run_column({"engine": "hf", "mode": "fp32", "name": "hf fp32"}, None)["error"] == "crashed (SIGSEGV)"
+    assert calls == [("hf", True)]

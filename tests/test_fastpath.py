@@ -217,8 +217,8 @@ def test_decode_layers_rejects_bad_input():
     x = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match="per layer"):
         torch.ops.llamarun.decode_layers(x, [x], [32, 0], torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
-    with pytest.raises(RuntimeError, match="for the head"):  # 14 + 4 weights, but not 8 + 2 kinds
-        torch.ops.llamarun.decode_layers(x, [x] * 18, [32, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
+    with pytest.raises(RuntimeError, match="for the head"):  # 14 + 4 weights, but not 12 + 3 kinds
+        torch.ops.llamarun.decode_layers(x, [x] * 18, [32, 0, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
 
 
 def test_fast_modules_fall_back_off_the_fast_path():

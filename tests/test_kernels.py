@@ -77,6 +77,49 @@ def test_kernel_matches_reference(mode, n, k, g, m):
     _assert_act_rounding(y, x, qt.dequantize(torch.float64))  # and against float activations
 
 
+needs_tiles = pytest.mark.skipif(not kernels.bf16_tiles(), reason="no bf16 tiles (AMX) on this CPU")
+
+
+@needs_tiles
+@pytest.mark.parametrize("mode,n,k,g", [
+    ("int8", 96, 576, None), ("int8", 48, 64, 32), ("int4", 96, 576, 32), ("int4", 48, 1536, 64), ("int4", 16, 192, 96),
+])
+@pytest.mark.parametrize("m", [1, 6, 16, 17, 40])
+def test_bf16_tiles_match_the_bf16_reference(mode, n, k, g, m):
+    """The AMX path: x and the dequantized weight each rounded to bf16 once, products summed in float32.
+    Below its row threshold the same op runs the integer kernel, bit for bit."""
+    qt = Q.quantize_tensor(_random_weight(n, k, seed=n + k), mode, g)
+    op, args = Q.make_linear(qt)._kernel_args()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+    y = op(x, *args[:-1], 1)
+    ref = x.bfloat16().double() @ qt.dequantize().bfloat16().double().t()
+    assert y.shape == (m, n) and (y.double() - ref).abs().max().item() <= 1e-3 * (ref.abs().max().item() + 1e-6)
+    assert not torch.equal(y, op(x, *args[:-1], 0))  # really another path than the integer kernel
+    assert torch.equal(op(x, *args[:-1], m + 1), op(x, *args[:-1], 0))
+
+
+@needs_tiles
+def test_bf16_tiles_follow_the_dense_dtype_and_need_16_row_strips():
+    """A layer uses the tiles from TILE_MIN_ROWS rows on once its dense dtype is bf16 (as Llama.load sets
+    it on such CPUs), never the dense path; output widths that are not a multiple of 16 keep the kernels."""
+    layer = Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 3), "int4", 32))
+    x = torch.randn(40, 128)
+    fp32 = layer(x)
+    layer.dense_dtype = torch.bfloat16
+    assert layer.tile_rows == Q.TILE_MIN_ROWS and layer._kernel_args()[1][-1] == Q.TILE_MIN_ROWS
+    tiles = layer(x)
+    op, args = layer._kernel_args()
+    assert torch.equal(tiles, op(x, *args)) and not torch.equal(tiles, fp32)
+    torch.testing.assert_close(tiles, fp32, rtol=2e-2, atol=2e-2)
+    small = x[: Q.TILE_MIN_ROWS - 1]
+    assert torch.equal(layer(small), op(small, *args[:-1], 0))
+    layer.dense_dtype = torch.float32
+    assert layer.tile_rows == 0 and torch.equal(layer(x), fp32)
+    odd = Q.make_linear(Q.quantize_tensor(_random_weight(50, 128, 4), "int4", 32))
+    op, args = odd._kernel_args()
+    assert torch.equal(op(x, *args[:-1], 1), op(x, *args[:-1], 0))
+
+
 @needs_kernels
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_leading_dims_dense_path_and_dtypes(mode):

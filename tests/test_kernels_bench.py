@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: the thread pool's hand-off table runs, prints one row per product size, and leaves
+"""benchmarks/kernel_bench.py: the thread pool's hand-off table runs, prints one row per product size, and leaves
 the kernels following torch's thread count again. Timings themselves are never asserted."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from conftest import load_script
 from llamarun import kernels
 
-bench = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py", "llamarun_bench_kernels")
+bench = load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py", "llamarun_bench_kernels")
 
 
 @pytest.mark.skipif(not kernels.available(), reason="llamarun kernels not built here")

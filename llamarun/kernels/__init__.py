@@ -156,8 +156,9 @@ def _load() -> None:
             if not hasattr(torch.ops.llamarun, "q8_linear"):  # not already loaded in this process
                 torch.ops.load_library(str(lib))
             _register_fakes()
-            _state.update(ok=True, reason=f"compiled kernels (simd level {torch.ops.llamarun.simd_level()}): {lib}",
-                          path=lib)
+            tiles = ", bf16 tiles" if torch.ops.llamarun.bf16_tiles() else ""
+            _state.update(ok=True, reason=f"compiled kernels (simd level {torch.ops.llamarun.simd_level()}{tiles}): "
+                                          f"{lib}", path=lib)
         except Exception as e:  # noqa: BLE001 - any failure means: use the portable path
             _state.update(ok=False, reason=f"{type(e).__name__}: {e}".splitlines()[0])
 
@@ -203,6 +204,12 @@ def ops():
     if not available():
         raise RuntimeError(f"llamarun kernels unavailable: {reason()}")
     return torch.ops.llamarun
+
+
+def bf16_tiles() -> bool:
+    """True if the kernels can run bf16 tile products (AMX: built for a CPU with it, and the OS grants
+    the tile state): the quantized linears with bf16 GEMMs then use them for batches (see qlinear.cpp)."""
+    return available() and bool(torch.ops.llamarun.bf16_tiles())
 
 
 def set_num_threads(n: int | None) -> None:

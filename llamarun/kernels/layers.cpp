@@ -10,10 +10,10 @@
 //   Per layer l (L = len(k_caches) layers), weights[14 l ...] holds
 //       attention_norm.weight, ffn_norm.weight, then 3 tensors for each of wqkv, wo, w13, w2:
 //       float32 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
-//   ("-": any tensor, unused), and kinds[8 l ...] holds (bits, group_size) for the same four linears,
-//   bits 32, 8 or 4. The caches are written at `pos` (see attn_decode in fused.cpp).
+//   ("-": any tensor, unused), and kinds[12 l ...] holds (bits, group_size, bf16_rows) for the same four
+//   linears, bits 32, 8 or 4 (bf16_rows: see q4_linear). The caches are written at `pos` (see attn_decode in fused.cpp).
 //   Optionally the model's head follows the layers: 4 more weights (norm.weight, then output's 3 tensors
-//   as above) and 2 more kinds. With it the op returns logits [B, 1, V] = output(norm(h)) instead of h:
+//   as above) and 3 more kinds. With it the op returns logits [B, 1, V] = output(norm(h)) instead of h:
 //   the final norm and the output projection then cost no Python either (after a step has streamed the
 //   weights through the caches, each small op called from Python costs ~30-40 us).
 //
@@ -28,14 +28,14 @@ namespace {
 
 using namespace llamarun_kernels;
 
-constexpr int64_t kWeightsPerLayer = 14, kKindsPerLayer = 8;
+constexpr int64_t kWeightsPerLayer = 14, kKindsPerLayer = 12, kKindsPerLinear = 3;
 
 // The linear whose 3 tensors start at t and whose (bits, group size) start at k.
 at::Tensor linear(const at::Tensor& x, const at::Tensor* t, const int64_t* k) {
-  const int64_t bits = k[0], group = k[1];
+  const int64_t bits = k[0], group = k[1], bf16_rows = k[2];
   switch (bits) {
-    case 4: return q4_linear(x, t[0], t[1], t[2], group);
-    case 8: return q8_linear(x, t[0], t[1], group);
+    case 4: return q4_linear(x, t[0], t[1], t[2], group, bf16_rows);
+    case 8: return q8_linear(x, t[0], t[1], group, bf16_rows);
     case 32: return f32_linear(x, t[0]);
     default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", bits);
   }
@@ -43,7 +43,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* t, const int64_t* k) {
 
 // linear j (0 wqkv, 1 wo, 2 w13, 3 w2) of the layer whose weights start at w and kinds at k.
 at::Tensor linear(const at::Tensor& x, const at::Tensor* w, const int64_t* k, int j) {
-  return linear(x, w + 2 + 3 * j, k + 2 * j);
+  return linear(x, w + 2 + 3 * j, k + kKindsPerLinear * j);
 }
 
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArrayRef kinds, const at::Tensor& rope,
@@ -51,11 +51,11 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArr
                          int64_t n_kv_heads, double eps) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   const int64_t nw = static_cast<int64_t>(weights.size()), nk = static_cast<int64_t>(kinds.size());
-  const bool head = nw == kWeightsPerLayer * L + 4 && nk == kKindsPerLayer * L + 2;
+  const bool head = nw == kWeightsPerLayer * L + 4 && nk == kKindsPerLayer * L + kKindsPerLinear;
   TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == L &&
                   (head || (nw == kWeightsPerLayer * L && nk == kKindsPerLayer * L)),
               "decode_layers: expected ", kWeightsPerLayer, " weights, ", kKindsPerLayer,
-              " kinds and two caches per layer (and optionally 4 weights and 2 kinds for the head)");
+              " kinds and two caches per layer (and optionally 4 weights and 3 kinds for the head)");
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers: x must be [B, 1, dim]");
   at::Tensor h = x.contiguous().clone();  // the residual stream, updated in place
   for (int64_t l = 0; l < L; ++l) {
@@ -67,7 +67,7 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArr
     h.add_(linear(attn, w, k, 1));
     h.add_(linear(silu_mul(linear(rms_norm(h, w[1], eps), w, k, 2)), w, k, 3));
   }
-  if (head) return linear(rms_norm(h, weights[nw - 4], eps), weights.data() + nw - 3, kinds.data() + nk - 2);
+  if (head) return linear(rms_norm(h, weights[nw - 4], eps), weights.data() + nw - 3, kinds.data() + nk - kKindsPerLinear);
   return h;
 }
 

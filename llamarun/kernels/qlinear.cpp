@@ -48,6 +48,12 @@
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LLAMARUN_AVX2 1
+// AVX-512 with VNNI (Ice Lake, Sapphire Rapids, Zen 4 and later): the block dot products in 512-bit
+// registers, one vpdpwssd (int16 pairs multiplied and summed into int32) where AVX2 needs two madd and an
+// add for the same 32 elements. The integer sums are the same; only the float accumulation order differs.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LLAMARUN_AVX512 1
+#endif
 #endif
 
 namespace {
@@ -296,6 +302,13 @@ inline float hsum(__m256 v) {
   r = _mm_add_ss(r, _mm_movehdup_ps(r));
   return _mm_cvtss_f32(r);
 }
+inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+#ifdef LLAMARUN_AVX512
+inline float hsum(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+#endif
 #endif
 
 // ---- the dot-product kernels ------------------------------------------------------------------------
@@ -348,6 +361,19 @@ void q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Qua
     const uint16_t* sc = S + n * ng;
 #ifdef LLAMARUN_AVX2
     constexpr int U = R <= 2 ? 2 : 1;
+#ifdef LLAMARUN_AVX512
+    __m512 acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    alignas(32) float cs[R][8];
+    auto block = [&](int64_t b, int j, int u) __attribute__((always_inline)) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * QK)));
+      for (int r = 0; r < R; ++r) {
+        const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq[r] + b * QK));
+        acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(cs[r][j]), _mm512_cvtepi32_ps(p), acc[r][u]);
+      }
+    };
+#else
     __m256 acc[R][U];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
@@ -362,6 +388,7 @@ void q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Qua
         acc[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(&cs[r][j]), _mm256_cvtepi32_ps(p), acc[r][u]);
       }
     };
+#endif
     const __m256 row_scale = _mm256_set1_ps(h2f(sc[0]));  // per-channel (one group): the same for every block
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int cnt = static_cast<int>(std::min<int64_t>(8, nb - b0));
@@ -373,8 +400,8 @@ void q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Qua
       for (; j < cnt; ++j) block(b0 + j, j, 0);
     }
     for (int r = 0; r < R; ++r) {
-      __m256 t = acc[r][0];
-      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
+      auto t = acc[r][0];
+      for (int u = 1; u < U; ++u) t = vadd(t, acc[r][u]);
       y[(m0 + r) * N + n] = hsum(t);
     }
 #else
@@ -410,13 +437,30 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
     const uint16_t* mn = Z + n * ng;
 #ifdef LLAMARUN_AVX2
     constexpr int U = R <= 2 ? 2 : 1;
-    __m256 acc[R][U], macc[R];
+    const __m256i low4 = _mm256_set1_epi16(0x0F);
+    alignas(32) float cs[R][8];
+    __m256 macc[R];
+#ifdef LLAMARUN_AVX512
+    __m512 acc[R][U];
+    for (int r = 0; r < R; ++r) {
+      macc[r] = _mm256_setzero_ps();
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+    }
+    auto block = [&](int64_t b, int j, int u) __attribute__((always_inline)) {
+      // Each byte widened to 16 bits holds (element j+16) << 4 | element j: elements 0..15, then 16..31.
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2))));
+      const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)), _mm256_srli_epi16(v, 4), 1);
+      for (int r = 0; r < R; ++r) {
+        const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq[r] + b * QK));
+        acc[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(cs[r][j]), _mm512_cvtepi32_ps(p), acc[r][u]);
+      }
+    };
+#else
+    __m256 acc[R][U];
     for (int r = 0; r < R; ++r) {
       macc[r] = _mm256_setzero_ps();
       for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
     }
-    const __m256i low4 = _mm256_set1_epi16(0x0F);
-    alignas(32) float cs[R][8];
     auto block = [&](int64_t b, int j, int u) __attribute__((always_inline)) {
       // Each byte widened to 16 bits holds (element j+16) << 4 | element j.
       const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2))));
@@ -429,6 +473,7 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
         acc[r][u] = _mm256_fmadd_ps(_mm256_broadcast_ss(&cs[r][j]), _mm256_cvtepi32_ps(p), acc[r][u]);
       }
     };
+#endif
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
       const int cnt = static_cast<int>(std::min<int64_t>(8, nb - b0));
       const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
@@ -443,9 +488,9 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
       for (; j < cnt; ++j) block(b0 + j, j, 0);
     }
     for (int r = 0; r < R; ++r) {
-      __m256 t = _mm256_add_ps(acc[r][0], macc[r]);
-      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[r][u]);
-      y[(m0 + r) * N + n] = hsum(t);
+      auto t = acc[r][0];
+      for (int u = 1; u < U; ++u) t = vadd(t, acc[r][u]);
+      y[(m0 + r) * N + n] = hsum(t) + hsum(macc[r]);
     }
 #else
     for (int r = 0; r < R; ++r) {
@@ -507,6 +552,180 @@ void run_rows(int64_t M, int64_t N, int64_t row_bytes, RowsFn&& rows) {
   });
 }
 
+// ---- bf16 tile products (AMX) -------------------------------------------------------------------------
+// On CPUs with AMX (Sapphire Rapids and later), a linear with enough activation rows (the caller's
+// bf16_rows, 0 = never; llamarun sets it for the models it gives bf16 GEMMs) runs as bf16 tile products
+// instead: x is rounded to bf16 once, each 16-row strip of W is dequantized to bf16 (w = q * scale
+// [+ min], rounded once) into an L1/L2-resident buffer, and TDPBF16PS multiplies 16 weight rows x 32
+// inputs by 32 inputs x 16 activation rows per instruction, accumulating in float32. This is the dense
+// path's arithmetic (bf16 inputs, float32 sums) without its float32 copy of the weight, its conversions and
+// its separate GEMM call; at 16 rows a product costs about what one pass over the weights costs.
+// Layout: weights are the A operand in their natural row order (16 rows x 64 bytes per tile); x is the B
+// operand, packed once per call as pairs of adjacent inputs ("VNNI" layout): for activation tile mt and
+// input block kb, 16 rows (input pairs p) of 16 dwords (activation rows m), dword = (x[m][2p], x[m][2p+1]).
+#if defined(LLAMARUN_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__linux__)
+#define LLAMARUN_AMX 1
+}  // namespace
+#include <sys/syscall.h>
+namespace {
+
+bool amx_ready() {
+  // Linux hands a process the (8 KiB) tile state only when asked for it, once.
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (16 weight rows x 16 activation rows, float32); 4, 5: A (weights); 6, 7: B (activations).
+// The configuration is per thread and other libraries (oneDNN) load their own: set it for every job.
+void configure_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// x [M, K] float32 -> the B layout above (activation rows past M are zeros).
+void pack_x_bf16(const float* x, int64_t M, int64_t K, uint32_t* xp) {
+  const int64_t nb = K / QK, mtiles = (M + 15) / 16;
+  if (M % 16) std::memset(xp + (mtiles - 1) * nb * 256, 0, nb * 256 * sizeof(uint32_t));
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(16));
+  parallel_rows(M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint32_t* dst = xp + (m / 16) * nb * 256 + (m % 16);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* src = x + m * K + b * QK;
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+        _mm512_i32scatter_epi32(dst + b * 256, idx, v, 4);  // dword p (inputs 2p, 2p+1) to row p
+      }
+    }
+  });
+}
+
+// Weight rows n0 .. n0+15 as bf16 [16, K] (row stride K).
+void dequant_q4_bf16(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n0,
+                     uint16_t* out) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t i = 0; i < 16; ++i) {
+    const int64_t n = n0 + i;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 s = _mm512_set1_ps(h2f(S[n * ng + b / bpg])), z = _mm512_set1_ps(h2f(Z[n * ng + b / bpg]));
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + n * (K / 2) + b * (QK / 2)));
+      const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask))), s, z);
+      const __m512 hi = _mm512_fmadd_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask))), s, z);
+      _mm512_storeu_si512(out + i * K + b * QK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+void dequant_q8_bf16(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n0, uint16_t* out) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+  for (int64_t i = 0; i < 16; ++i) {
+    const int64_t n = n0 + i;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 s = _mm512_set1_ps(h2f(S[n * ng + b / bpg]));
+      const int8_t* w = W + n * K + b * QK;
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)))), s);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)))), s);
+      _mm512_storeu_si512(out + i * K + b * QK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+// C tile (16 weight rows x 16 activation rows) -> y[m][n0 + i] for the activation rows that exist.
+inline void store_c(const float* c, float* y, int64_t N, int64_t m0, int64_t mrows, int64_t n0) {
+  for (int64_t m = 0; m < mrows; ++m)
+    for (int64_t i = 0; i < 16; ++i) y[(m0 + m) * N + n0 + i] = c[i * 16 + m];
+}
+
+// y [M, N] = x W^T with W given by dequant(n0, out) for 16-row strips; N is a multiple of 16.
+template <typename Dequant>
+void amx_linear(const float* x, int64_t M, int64_t N, int64_t K, Dequant&& dequant, float* y) {
+  const int64_t nb = K / QK, mtiles = (M + 15) / 16, strips = N / 16;
+  thread_local std::vector<uint32_t> tls_xp;
+  std::vector<uint32_t>& xpv = tls_xp;
+  if (static_cast<int64_t>(xpv.size()) < mtiles * nb * 256) xpv.resize(mtiles * nb * 256);
+  const uint32_t* xp = xpv.data();
+  pack_x_bf16(x, M, K, xpv.data());
+  const int64_t stride = K * static_cast<int64_t>(sizeof(uint16_t));
+  // Strips per chunk: at least ~32 KB of int8-equivalent weights, as for the integer kernels.
+  parallel_rows(strips, std::max<int64_t>(1, (32 * 1024) / (16 * K)), [&](int64_t s0, int64_t s1) {
+    thread_local std::vector<uint16_t> tls_w;
+    std::vector<uint16_t>& wv = tls_w;
+    if (static_cast<int64_t>(wv.size()) < 32 * K) wv.resize(32 * K);
+    uint16_t* w0 = wv.data();
+    uint16_t* w1 = w0 + 16 * K;
+    alignas(64) float c[4][256];
+    configure_tiles();
+    for (int64_t s = s0; s < s1; s += 2) {
+      const bool two_n = s + 1 < s1;  // two weight strips: two A tiles against each B
+      dequant(s * 16, w0);
+      if (two_n) dequant(s * 16 + 16, w1);
+      for (int64_t mt = 0; mt < mtiles; mt += 2) {
+        const bool two_m = mt + 1 < mtiles;
+        const uint32_t* b0 = xp + mt * nb * 256;
+        const uint32_t* b1 = b0 + nb * 256;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_loadd(4, w0 + b * QK, stride);
+          _tile_loadd(6, b0 + b * 256, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          if (two_m) {
+            _tile_loadd(7, b1 + b * 256, 64);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+          if (two_n) {
+            _tile_loadd(5, w1 + b * QK, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            if (two_m) _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c[0], 64);
+        store_c(c[0], y, N, mt * 16, std::min<int64_t>(16, M - mt * 16), s * 16);
+        if (two_m) {
+          _tile_stored(1, c[1], 64);
+          store_c(c[1], y, N, mt * 16 + 16, std::min<int64_t>(16, M - mt * 16 - 16), s * 16);
+        }
+        if (two_n) {
+          _tile_stored(2, c[2], 64);
+          store_c(c[2], y, N, mt * 16, std::min<int64_t>(16, M - mt * 16), s * 16 + 16);
+          if (two_m) {
+            _tile_stored(3, c[3], 64);
+            store_c(c[3], y, N, mt * 16 + 16, std::min<int64_t>(16, M - mt * 16 - 16), s * 16 + 16);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+bool amx_ready() { return false; }
+#endif
+
+// Whether a product with M activation rows runs as bf16 tile products (see above).
+bool use_amx(int64_t bf16_rows, int64_t M, int64_t N) {
+  return bf16_rows > 0 && M >= bf16_rows && N % 16 == 0 && amx_ready();
+}
+
 // The shared body of the two linear ops: quantize x's M rows once, into buffers reused by the calling
 // thread, then call rows(std::integral_constant<int, R>, a, m0, n0, n1, out) for every tile of up to MB
 // activation rows (R = 1..4, a compile-time count) and weight rows [n0, n1).
@@ -539,18 +758,28 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
 // The two linear ops (declared in kernels.h: layers.cpp calls them directly).
 namespace llamarun_kernels {
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
+                     int64_t bf16_rows) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8 qweight must be int8 [out, in]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
   check_common(x, qweight, scales, K, group_size);
   const int8_t* W = qweight.data_ptr<int8_t>();
   const uint16_t* S = f16_bits(scales);
+#ifdef LLAMARUN_AMX
+  if (use_amx(bf16_rows, x.numel() / K, N)) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape(x, N), x.options());
+    amx_linear(xc.data_ptr<float>(), x.numel() / K, N, K,
+               [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); }, y.data_ptr<float>());
+    return y;
+  }
+#endif
   return linear_op(x, N, K, K, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                    float* out) { q8_rows<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
-                     int64_t group_size) {
+                     int64_t group_size, int64_t bf16_rows) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "int4 qweight must be uint8 [out, in / 2]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
   check_common(x, qweight, scales, K, group_size);
@@ -559,6 +788,15 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const uint8_t* W = qweight.data_ptr<uint8_t>();
   const uint16_t* S = f16_bits(scales);
   const uint16_t* Z = f16_bits(mins);
+#ifdef LLAMARUN_AMX
+  if (use_amx(bf16_rows, x.numel() / K, N)) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape(x, N), x.options());
+    amx_linear(xc.data_ptr<float>(), x.numel() / K, N, K,
+               [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); }, y.data_ptr<float>());
+    return y;
+  }
+#endif
   return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                        float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
 }
@@ -802,7 +1040,9 @@ int64_t set_num_threads(int64_t n) {
 }
 
 int64_t simd_level() {
-#ifdef LLAMARUN_AVX2
+#if defined(LLAMARUN_AVX512)
+  return 3;
+#elif defined(LLAMARUN_AVX2)
   return 2;
 #else
   return 0;
@@ -817,8 +1057,9 @@ int64_t simd_level() {
 #endif
 
 TORCH_LIBRARY(LLAMARUN_OPS_NS, m) {
-  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, int group_size) -> Tensor");
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, int group_size, int bf16_rows=0) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, int bf16_rows=0) -> Tensor");
+  m.def("bf16_tiles() -> bool", &amx_ready);
   m.def("q8_dequant(Tensor qweight, Tensor scales, int group_size, int row0=0, int rows=-1) -> Tensor");
   m.def("q4_dequant(Tensor qweight, Tensor scales, Tensor mins, int group_size, int row0=0, int rows=-1) -> Tensor");
   m.def("quantize_act(Tensor x) -> Tensor[]");

@@ -1,9 +1,9 @@
 """Quantized-matmul kernels and whole-model decode speed, every variant side by side in one process.
 
-    python benchmarks/kernels.py                    # kernels (M = 1, 8, 512) + model decode (batch 1, 8)
-    python benchmarks/kernels.py --no-model         # kernels only
-    python benchmarks/kernels.py --no-kernels -M 1  # model decode only, batch 1
-    python benchmarks/kernels.py --no-kernels --no-model --handoff  # the thread pool's hand-off cost
+    python benchmarks/kernel_bench.py                    # kernels (M = 1, 8, 512) + model decode (batch 1, 8)
+    python benchmarks/kernel_bench.py --no-model         # kernels only
+    python benchmarks/kernel_bench.py --no-kernels -M 1  # model decode only, batch 1
+    python benchmarks/kernel_bench.py --no-kernels --no-model --handoff  # the thread pool's hand-off cost
 
 Kernels: for each SmolLM2-135M linear shape, y = x @ W^T at M activation rows, with the weights of every
 variant in several copies (> 2x the L3 cache together) that the timing loop cycles through, so weights
