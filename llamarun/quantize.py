@@ -40,6 +40,7 @@ from torch import nn
 
 from . import kernels
 from .errors import FormatError, UsageError
+from .model import Attention
 
 MODES = ("int8", "int4")
 FORMAT_NAME = "llamarun-quantized"
@@ -619,13 +620,17 @@ LINEAR_CLASSES = {"int8": Int8Linear, "int4": Int4Linear}
 def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     """Run the quantized layers' large-batch path (prefill, big batches on the CPU kernels) in ``dtype``
     GEMMs: bfloat16 where the CPU has native bf16 arithmetic (AVX512-BF16, AMX), where it is ~1.7x float32's
-    speed, while decode steps keep float32 activations and the integer kernels. Returns the layer count."""
+    speed (with AMX, batches from ``TILE_MIN_ROWS`` rows run as the kernels' bf16 tile products), while
+    single-row decode steps keep float32 activations and the integer kernels. Prefill's attention products
+    follow (``Attention.prefill_dtype``). Returns the quantized layer count."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     for m in layers:
         m.dense_dtype = dtype
     for m in model.modules():
         if hasattr(m, "_stacks"):  # fastpath.FastTransformer: its decode op's arguments include tile_rows
             m._stacks = None
+        if isinstance(m, Attention):  # and the attention products of prefill
+            m.prefill_dtype = None if dtype == torch.float32 else dtype
     return len(layers)
 
 

@@ -64,8 +64,9 @@ def test_echo_logprobs_equal_minus_cross_entropy(llm):
         logits = llm.model(torch.tensor([tokens[0]]), 0)[0]
     ce = F.cross_entropy(logits[:-1], torch.tensor(tokens[0][1:]), reduction="none")
     # Decode steps and this recompute round slightly different keys/values into the float16 KV cache (the
-    # int4 kernels and the prefill GEMM sum in other orders), hence 1e-3; an off-by-one is off by ~1.
-    assert torch.allclose(torch.tensor(logprobs[0][1:]), -ce, atol=1e-3)
+    # kernels and the GEMMs of 16 and 20 rows sum in other orders; a float16 rounding that flips moves a
+    # logprob by up to ~2e-3, measured), hence 5e-3; an off-by-one is off by ~1.
+    assert torch.allclose(torch.tensor(logprobs[0][1:]), -ce, atol=5e-3)
 
 
 def test_kv_cache_dtype(monkeypatch):

@@ -275,3 +275,25 @@ def test_compiled_int4_quantizer_matches_torch(monkeypatch, g):
     assert abs(err["compiled"] - err["torch"]) <= 0.01 * err["torch"]
     assert (compiled.scales == reference.scales).float().mean() > 0.95
     assert torch.equal(compiled.dequantize()[3, :g], torch.zeros(g))
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,head_dim", [(9, 64), (3, 6), (2, 18)])
+def test_rope_op_matches_model(heads, head_dim):
+    """The fused rotary op (prefill) against model.apply_rope, on a view of a fused qkv product (q's heads
+    are strided, as in Attention.forward) and on a contiguous tensor; bad shapes are clear errors."""
+    from llamarun.model import apply_rope
+
+    s = 13
+    angles = torch.rand(s, head_dim // 2, dtype=torch.float64) * 10
+    rope = torch.stack([angles.cos(), angles.sin()], -1).float()
+    qkv = torch.randn(2, s, 3 * heads * head_dim)
+    q = qkv[..., : heads * head_dim].view(2, s, heads, head_dim)
+    for x in (q, q.contiguous()):
+        y = torch.ops.llamarun.rope(x, rope)
+        assert y.is_contiguous() and y.shape == x.shape
+        torch.testing.assert_close(y, apply_rope(x, rope), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="rope must be"):
+        torch.ops.llamarun.rope(q, rope[:-1])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llamarun.rope(q.double(), rope)

@@ -174,7 +174,8 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
     fakes = {"q8_linear": linear_fake, "q4_linear": linear_fake, "silu_mul": silu_mul_fake,
-             "rms_norm": lambda x, weight, eps: torch.empty_like(x), "f32_linear": linear_fake}
+             "rms_norm": lambda x, weight, eps: torch.empty_like(x), "f32_linear": linear_fake,
+             "rope": lambda x, rope: x.new_empty(x.shape)}
     for op, fake in fakes.items():
         try:
             torch.library.register_fake(lib + op)(fake)

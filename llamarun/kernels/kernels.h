@@ -21,6 +21,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      int64_t group_size, int64_t bf16_rows = 0);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& x);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& rope);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads);

@@ -647,10 +647,36 @@ void dequant_q8_bf16(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, i
   }
 }
 
-// C tile (16 weight rows x 16 activation rows) -> y[m][n0 + i] for the activation rows that exist.
+// C tile (16 weight rows x 16 activation rows) -> y[m][n0 + i] for the activation rows that exist: a 16x16
+// transpose in registers (4 rounds of lane shuffles), then one 64-byte store per activation row.
 inline void store_c(const float* c, float* y, int64_t N, int64_t m0, int64_t mrows, int64_t n0) {
-  for (int64_t m = 0; m < mrows; ++m)
-    for (int64_t i = 0; i < 16; ++i) y[(m0 + m) * N + n0 + i] = c[i * 16 + m];
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(c + 16 * i);
+  for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of single elements
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // 2x2 blocks of element pairs
+    for (int j = 0; j < 2; ++j) {
+      const __m512d a = _mm512_castps_pd(t[i + j]), b = _mm512_castps_pd(t[i + j + 2]);
+      r[i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  }
+  for (int i = 0; i < 16; i += 8) {  // 2x2 blocks of 128-bit lanes
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {  // 2x2 blocks of 256-bit halves
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+  // r[k] now holds column m of c for m = perm(k) (the rounds' lane order).
+  static constexpr int kRow[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int k = 0; k < 16; ++k)
+    if (kRow[k] < mrows) _mm512_storeu_ps(y + (m0 + kRow[k]) * N + n0, r[k]);
 }
 
 // y [M, N] = x W^T with W given by dequant(n0, out) for 16-row strips; N is a multiple of 16.
