@@ -272,13 +272,36 @@ struct QuantizedActivations {
   std::vector<int16_t> q;  // [M, K]
   std::vector<float> d;   // [M, nbp]
   std::vector<float> s;   // [M, nbp]
+  // AVX-512: q again, each pair of blocks (A, B) = (2i, 2i+1) reordered as A0..15 B0..15 A16..31 B16..31,
+  // the order in which 32 bytes of int4 weights (two blocks) widen to low and high nibbles; an odd last
+  // block stays as it is. The int4 kernel then multiplies two blocks with one widening and two vpdpwssd.
+  std::vector<int16_t> qp;  // [M, K]
 };
+
+#ifdef LLAMARUN_AVX512
+void pair_blocks(const int16_t* q, int64_t K, int16_t* out) {
+  const int64_t nb = K / QK;
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const int16_t* A = q + b * QK;
+    int16_t* o = out + b * QK;
+    std::memcpy(o, A, 16 * sizeof(int16_t));
+    std::memcpy(o + 16, A + QK, 16 * sizeof(int16_t));
+    std::memcpy(o + 32, A + 16, 16 * sizeof(int16_t));
+    std::memcpy(o + 48, A + QK + 16, 16 * sizeof(int16_t));
+  }
+  if (b < nb) std::memcpy(out + b * QK, q + b * QK, QK * sizeof(int16_t));
+}
+#endif
 
 void quantize_activations(const float* x, int64_t M, int64_t K, QuantizedActivations& a) {
   const int64_t nb = K / QK;
   a.nbp = (nb + 7) / 8 * 8;
   // Buffers are reused from call to call (thread_local in the ops): grow, never shrink or clear.
   if (static_cast<int64_t>(a.q.size()) < M * K) a.q.resize(M * K);
+#ifdef LLAMARUN_AVX512
+  if (static_cast<int64_t>(a.qp.size()) < M * K) a.qp.resize(M * K);
+#endif
   if (static_cast<int64_t>(a.d.size()) < M * a.nbp) {
     a.d.resize(M * a.nbp);
     a.s.resize(M * a.nbp);
@@ -288,6 +311,9 @@ void quantize_activations(const float* x, int64_t M, int64_t K, QuantizedActivat
       float* d = a.d.data() + m * a.nbp;
       float* s = a.s.data() + m * a.nbp;
       quantize_row(x + m * K, K, a.q.data() + m * K, d, s);
+#ifdef LLAMARUN_AVX512
+      pair_blocks(a.q.data() + m * K, K, a.qp.data() + m * K);
+#endif
       for (int64_t b = nb; b < a.nbp; ++b) d[b] = s[b] = 0.0f;  // the padding the kernels read
     }
   };
@@ -431,6 +457,14 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
     xd[r] = a.d.data() + (m0 + r) * nbp;
     xs[r] = a.s.data() + (m0 + r) * nbp;
   }
+#ifdef LLAMARUN_AVX512
+  const int16_t* xqp[R];
+  for (int r = 0; r < R; ++r) xqp[r] = a.qp.data() + (m0 + r) * K;
+  const __m512i low4z = _mm512_set1_epi16(0x0F);
+  __m512i pidx[4];  // lanes (2k x 8, 2k + 1 x 8): a pair's two block scales
+  for (int k = 0; k < 4; ++k)
+    pidx[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * (K / 2);
     const uint16_t* sc = S + n * ng;
@@ -441,11 +475,24 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
     alignas(32) float cs[R][8];
     __m256 macc[R];
 #ifdef LLAMARUN_AVX512
-    __m512 acc[R][U];
+    __m512 acc[R][U], csz[R];
     for (int r = 0; r < R; ++r) {
       macc[r] = _mm256_setzero_ps();
       for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
     }
+    // Blocks b, b+1 (b even): 32 bytes widen to 32 words; the low nibbles are A0..15 B0..15, the high
+    // ones A16..31 B16..31, as in a.qp. Lanes 0-7 of the sums are block A's, 8-15 block B's, scaled by
+    // (cs[j] x 8, cs[j + 1] x 8).
+    auto pair = [&](int64_t b, int j, int u) __attribute__((always_inline)) {
+      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * (QK / 2))));
+      const __m512i lo = _mm512_and_si512(v, low4z), hi = _mm512_srli_epi16(v, 4);
+      for (int r = 0; r < R; ++r) {
+        const int16_t* xp = xqp[r] + b * QK;
+        const __m512i p = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)),
+                                              hi, _mm512_loadu_si512(xp + 32));
+        acc[r][u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pidx[j / 2], csz[r]), _mm512_cvtepi32_ps(p), acc[r][u]);
+      }
+    };
     auto block = [&](int64_t b, int j, int u) __attribute__((always_inline)) {
       // Each byte widened to 16 bits holds (element j+16) << 4 | element j: elements 0..15, then 16..31.
       const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * (QK / 2))));
@@ -479,12 +526,22 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
       const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
       const __m256 wmv = group_values8(mn, b0, cnt, bpg, Z_end);
       for (int r = 0; r < R; ++r) {
-        _mm256_store_ps(cs[r], _mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0)));
+        const __m256 csv = _mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0));
+        _mm256_store_ps(cs[r], csv);
+#ifdef LLAMARUN_AVX512
+        csz[r] = _mm512_castps256_ps512(csv);
+#endif
         macc[r] = _mm256_fmadd_ps(wmv, _mm256_loadu_ps(xs[r] + b0), macc[r]);
       }
       int j = 0;
+#ifdef LLAMARUN_AVX512
+      for (; j + 2 * U <= cnt; j += 2 * U)
+        for (int u = 0; u < U; ++u) pair(b0 + j + 2 * u, j + 2 * u, u);
+      for (; j + 2 <= cnt; j += 2) pair(b0 + j, j, 0);
+#else
       for (; j + U <= cnt; j += U)
         for (int u = 0; u < U; ++u) block(b0 + j + u, j + u, u);
+#endif
       for (; j < cnt; ++j) block(b0 + j, j, 0);
     }
     for (int r = 0; r < R; ++r) {
