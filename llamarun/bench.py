@@ -28,9 +28,15 @@ def prefill_gemm_dtype(llm) -> str:
 
 def gemm_note(info: dict) -> str:
     """' (bfloat16 prefill GEMMs)' where the prefill matrix products run in another dtype than the
-    activations (``info``: a bench report or ``generate``'s stats, with ``dtype`` and ``prefill_gemm_dtype``)."""
+    activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)' where the kernels' tile
+    products take the batches too (``info``: a bench report or ``generate``'s stats, with ``dtype``,
+    ``prefill_gemm_dtype`` and ``tile_rows``)."""
     gemm = info["prefill_gemm_dtype"]
-    return "" if gemm == info["dtype"] else f" ({gemm} prefill GEMMs)"
+    if gemm == info["dtype"]:
+        return ""
+    if info.get("tile_rows"):
+        return f" ({gemm} GEMMs for prefill and batches of {info['tile_rows']}+ rows, AMX tiles)"
+    return f" ({gemm} prefill GEMMs)"
 
 
 def check_fits(llm, args) -> None:
@@ -57,7 +63,7 @@ def run_bench(llm, args) -> dict:
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": prefill_gemm_dtype(llm),
+        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "tile_rows": llm.tile_rows,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }

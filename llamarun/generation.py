@@ -365,6 +365,14 @@ class Llama:
 
         return next((m.dense_dtype for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
 
+    @property
+    def tile_rows(self) -> int:
+        """Activation rows from which the quantized layers use the kernels' bf16 tile products (AMX; see
+        ``quantize.TILE_MIN_ROWS``), or 0 where they don't."""
+        from .quantize import QuantizedLinear
+
+        return next((m.tile_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), 0)
+
     @classmethod
     @_gc_paused()
     def load(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", dtype: str = "auto",
