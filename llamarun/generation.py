@@ -52,18 +52,27 @@ def plan_load(args, device: torch.device, dtype: str | torch.dtype = "auto", kv_
     """The memory plan ``Llama.load`` follows, for ``plan``/``info`` to print the same one: returns (plan,
     activation dtype, KV cache dtype, ``dense_dtype`` or None). A quantized model on a CPU with native bf16
     keeps float32 activations (see :func:`_dense_dtype`), so it is planned with them and their KV cache."""
-    from .device import pick_dtype, pick_kv_dtype
     from .memory import make_plan
 
-    dt = pick_dtype(dtype, device)
-    kv = pick_kv_dtype(kv_dtype, device, dt)
+    dt, kv, _ = _load_dtypes(dtype, kv_dtype, device, "none")
     plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
-    dense = _dense_dtype(dtype, device, dt, plan.quantize)
+    dt, kv, dense = _load_dtypes(dtype, kv_dtype, device, plan.quantize)
     if dense is not None:
-        dt = torch.float32
-        kv = pick_kv_dtype(kv_dtype, device, dt)
         plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
     return plan, dt, kv, dense
+
+
+def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype, device: torch.device,
+                 quantize: str) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """(activation dtype, KV cache dtype, ``dense_dtype`` or None) of a model quantized as ``quantize``
+    ("none", "int8", "int4"): the names resolved, and float32 activations where :func:`_dense_dtype` says."""
+    from .device import pick_kv_dtype
+
+    dt = pick_dtype(dtype, device)
+    dense = _dense_dtype(dtype, device, dt, quantize)
+    if dense is not None:
+        dt = torch.float32
+    return dt, pick_kv_dtype(kv_dtype, device, dt), dense
 
 
 @contextlib.contextmanager
@@ -391,7 +400,6 @@ class Llama:
         native bf16 (AVX512-BF16, AMX) gives a quantized model float32 activations with bf16 prefill GEMMs
         (``dense_dtype``), an unquantized one bf16. Raises RuntimeFailure, before allocating, when nothing fits.
         """
-        from .device import pick_kv_dtype
         from .memory import native_quantization
 
         t0 = time.perf_counter()
@@ -405,16 +413,12 @@ class Llama:
                                    or not memory > 0):
             raise UsageError(f"memory must be a number of bytes > 0, got {memory!r}")
         dev = pick_device(device)
-        dt = pick_dtype(dtype, dev)
-        kv = pick_kv_dtype(kv_dtype, dev, dt)
+        # Bad dtype names fail here too; the dtypes are those of a llamarun-quantized file (int8/int4 throughout).
+        dt, kv, dense = _load_dtypes(dtype, kv_dtype, dev, "int8")
         set_threads(threads)
         from .quantize import is_quantized_checkpoint
 
         if path is not None and is_quantized_checkpoint(path):
-            dense = _dense_dtype(dtype, dev, dt, "int8")  # a llamarun-quantized file is int8/int4 throughout
-            if dense is not None:
-                dt = torch.float32
-                kv = pick_kv_dtype(kv_dtype, dev, dt)
             llm = cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory,
                                            t0, kv)
             if dense is not None:

@@ -623,15 +623,16 @@ def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     speed (with AMX, batches from ``TILE_MIN_ROWS`` rows run as the kernels' bf16 tile products), while
     single-row decode steps keep float32 activations and the integer kernels. Prefill's attention products
     follow (``Attention.prefill_dtype``). Returns the quantized layer count."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    for m in layers:
-        m.dense_dtype = dtype
+    layers = 0
     for m in model.modules():
-        if hasattr(m, "_stacks"):  # fastpath.FastTransformer: its decode op's arguments include tile_rows
-            m._stacks = None
-        if isinstance(m, Attention):  # and the attention products of prefill
+        if isinstance(m, QuantizedLinear):
+            m.dense_dtype = dtype
+            layers += 1
+        elif isinstance(m, Attention):  # and the attention products of prefill
             m.prefill_dtype = None if dtype == torch.float32 else dtype
-    return len(layers)
+        elif hasattr(m, "_stacks"):  # fastpath.FastTransformer: its decode op's arguments include tile_rows
+            m._stacks = None
+    return layers
 
 
 def make_linear(qt: QuantizedTensor) -> QuantizedLinear:

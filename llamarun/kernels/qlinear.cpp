@@ -806,6 +806,15 @@ void amx_linear(const float* x, int64_t M, int64_t N, int64_t K, Dequant&& dequa
     _tile_release();
   });
 }
+
+// The op around amx_linear: x [..., K] float32 -> y [..., N].
+template <typename Dequant>
+at::Tensor amx_op(const at::Tensor& x, int64_t N, int64_t K, Dequant&& dequant) {
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  amx_linear(xc.data_ptr<float>(), x.numel() / K, N, K, dequant, y.data_ptr<float>());
+  return y;
+}
 #else
 bool amx_ready() { return false; }
 #endif
@@ -855,13 +864,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const int8_t* W = qweight.data_ptr<int8_t>();
   const uint16_t* S = f16_bits(scales);
 #ifdef LLAMARUN_AMX
-  if (use_amx(bf16_rows, x.numel() / K, N)) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty(out_shape(x, N), x.options());
-    amx_linear(xc.data_ptr<float>(), x.numel() / K, N, K,
-               [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); }, y.data_ptr<float>());
-    return y;
-  }
+  if (use_amx(bf16_rows, x.numel() / K, N))
+    return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); });
 #endif
   return linear_op(x, N, K, K, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                    float* out) { q8_rows<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
@@ -878,13 +882,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const uint16_t* S = f16_bits(scales);
   const uint16_t* Z = f16_bits(mins);
 #ifdef LLAMARUN_AMX
-  if (use_amx(bf16_rows, x.numel() / K, N)) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty(out_shape(x, N), x.options());
-    amx_linear(xc.data_ptr<float>(), x.numel() / K, N, K,
-               [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); }, y.data_ptr<float>());
-    return y;
-  }
+  if (use_amx(bf16_rows, x.numel() / K, N))
+    return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); });
 #endif
   return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                        float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
