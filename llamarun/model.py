@@ -127,11 +127,11 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
         if s > 1 and self.prefill_dtype is not None:
-            q = q.to(self.prefill_dtype)  # k and v follow q below, straight from the cache's dtype
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            q = q.to(self.prefill_dtype)  # k and v follow q below, after the cache has stored them as they are
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # [B, K, T, D]
-            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache under float32 math (no-op otherwise)
+        # A float16 cache under float32 math, or bf16 prefill attention (no-op otherwise).
+        k, v = k.to(q.dtype), v.to(q.dtype)
         # enable_gqa: each key/value head serves n_heads / n_kv_heads query heads, without copies.
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(start_pos, torch.Tensor):  # static shapes: the whole cache, masked past each query

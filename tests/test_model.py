@@ -119,3 +119,25 @@ def test_default_model_config(llm):
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size) == (576, 30, 9, 3, 49152)
     assert a.rope_theta == 100000.0 and a.tie_embeddings
     assert 134_000_000 < a.num_params() < 135_000_000
+
+
+def test_prefill_dtype_rounds_attention_not_the_cache():
+    """With ``prefill_dtype`` (bf16 prefill attention on CPUs with native bf16) the attention products of a
+    multi-token call change, but the KV cache stores keys and values rounded once into its own dtype, as
+    without it: decode steps later read the same cache."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12))
+    caches, logits = [], []
+    with torch.inference_mode():
+        for dtype in (None, torch.bfloat16):
+            for layer in model.layers:
+                layer.attention.prefill_dtype = dtype
+            model.free_cache()
+            model.setup_cache(1, 16, torch.float16)
+            logits.append(model(tokens, 0))
+            cache = model.layers[0].attention.cache
+            caches.append((cache.k.clone(), cache.v.clone()))
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    assert not torch.equal(logits[0], logits[1])
+    torch.testing.assert_close(logits[1], logits[0], rtol=0.05, atol=0.05)
