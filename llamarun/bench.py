@@ -27,16 +27,18 @@ def prefill_gemm_dtype(llm) -> str:
 
 
 def gemm_note(info: dict) -> str:
-    """' (bfloat16 prefill GEMMs)' where the prefill matrix products run in another dtype than the
-    activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)' where the kernels' tile
-    products take the batches too (``info``: a bench report or ``generate``'s stats, with ``dtype``,
-    ``prefill_gemm_dtype`` and ``tile_rows``)."""
-    gemm = info["prefill_gemm_dtype"]
+    """What the speed line says about the matrix products, e.g. ' (bfloat16 prefill GEMMs)' where prefill's
+    run in another dtype than the activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX
+    tiles)' where the kernels' tile products take the batches too, ' (int8 activations for batches of 6+
+    rows, VNNI)' where the kernels' int8 products do (``info``: a bench report or ``generate``'s stats, with
+    ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
+    gemm, rows, kind = info["prefill_gemm_dtype"], info.get("batch_rows"), info.get("batch_product")
+    int8 = f"int8 activations for batches of {rows}+ rows, VNNI" if rows and kind == "int8" else ""
     if gemm == info["dtype"]:
-        return ""
-    if info.get("tile_rows"):
-        return f" ({gemm} GEMMs for prefill and batches of {info['tile_rows']}+ rows, AMX tiles)"
-    return f" ({gemm} prefill GEMMs)"
+        return f" ({int8})" if int8 else ""
+    if rows and kind == "amx":
+        return f" ({gemm} GEMMs for prefill and batches of {rows}+ rows, AMX tiles)"
+    return f" ({gemm} prefill GEMMs{', ' + int8 if int8 else ''})"
 
 
 def check_fits(llm, args) -> None:
@@ -63,7 +65,8 @@ def run_bench(llm, args) -> dict:
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "tile_rows": llm.tile_rows,
+        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
+        "batch_product": llm.batch_product,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }

@@ -222,7 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
         "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "tile_rows": llm.tile_rows,
+        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
+        "batch_product": llm.batch_product,
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],

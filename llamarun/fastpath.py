@@ -210,3 +210,5 @@ def reference(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) in slow:
             module.__class__ = slow[type(module)]
+
+

@@ -75,6 +75,20 @@ def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype, device: 
     return dt, pick_kv_dtype(kv_dtype, device, dt), dense
 
 
+def _batch_products(model: Transformer, dtype: str | torch.dtype, device: torch.device,
+                    dense: torch.dtype | None) -> None:
+    """The quantized layers' large-batch products: bf16 GEMMs (and AMX tiles) where ``dense`` says so; with
+    ``dtype='auto'`` on a CPU, batches without tiles get the kernels' int8-activation products where they
+    have them (``quantize.set_int8_batches``). An explicit float32 keeps every product on int16 activations."""
+    from .quantize import QuantizedLinear, set_dense_dtype, set_int8_batches
+
+    if dense is not None:
+        set_dense_dtype(model, dense)
+    tiles = any(m.batch_rows for m in model.modules() if isinstance(m, QuantizedLinear))
+    if dtype == "auto" and device.type == "cpu" and not tiles:
+        set_int8_batches(model)
+
+
 @contextlib.contextmanager
 def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
     """Run torch's CPU ops on one thread inside: sampling's ops over a 32-49K vocabulary are too small to
@@ -375,12 +389,22 @@ class Llama:
         return next((m.dense_dtype for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
 
     @property
-    def tile_rows(self) -> int:
-        """Activation rows from which the quantized layers use the kernels' bf16 tile products (AMX; see
-        ``quantize.TILE_MIN_ROWS``), or 0 where they don't."""
+    def batch_rows(self) -> int:
+        """Activation rows from which the quantized layers use the kernels' batch products (bf16 tiles with
+        AMX, else int8 activations with AVX-512 VNNI; see ``quantize.BATCH_MIN_ROWS``), or 0 where they don't."""
         from .quantize import QuantizedLinear
 
-        return next((m.tile_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), 0)
+        return next((m.batch_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), 0)
+
+    @property
+    def batch_product(self) -> str | None:
+        """Which batch products the quantized layers use from ``batch_rows`` rows: "amx" (bf16 tiles),
+        "int8" (int8 activations, AVX-512 VNNI), or None."""
+        from . import kernels
+
+        if not self.batch_rows:
+            return None
+        return "amx" if self.dense_dtype == torch.bfloat16 and kernels.bf16_tiles() else "int8"
 
     @classmethod
     @_gc_paused()
@@ -421,10 +445,7 @@ class Llama:
         if path is not None and is_quantized_checkpoint(path):
             llm = cls._load_quantized_file(Path(path), dev, dt, max_seq_len, max_batch_size, tokenizer_path, memory,
                                            t0, kv)
-            if dense is not None:
-                from .quantize import set_dense_dtype
-
-                set_dense_dtype(llm.model, dense)
+            _batch_products(llm.model, dtype, dev, dense)
             return llm
         ckpt = load_checkpoint(path if path is not None else default_model_path(), tokenizer_path)
         release_free_memory()  # what building the tokenizer freed, before the weights arrive
@@ -443,10 +464,8 @@ class Llama:
                 model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size)
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
-            if dense is not None:
-                from .quantize import set_dense_dtype
-
-                set_dense_dtype(model, dense)
+            if plan.quantize != "none":
+                _batch_products(model, dtype, dev, dense)
         release_free_memory()
         llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv)
         llm.plan = plan

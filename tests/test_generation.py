@@ -108,9 +108,10 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert (llm.dtype, llm.dense_dtype, llm.kv_dtype) == (torch.float32, torch.bfloat16, torch.float16)
     assert (llm.plan.dtype, llm.plan.kv_dtype) == ("float32", "float16")
     from llamarun import kernels
-    from llamarun.quantize import TILE_MIN_ROWS
+    from llamarun.quantize import BATCH_MIN_ROWS
 
-    assert llm.tile_rows == (TILE_MIN_ROWS if kernels.bf16_tiles() else 0)  # with AMX, batches too
+    # Batches: the bf16 tiles with AMX, else int8 products with VNNI.
+    assert llm.batch_rows == (BATCH_MIN_ROWS if kernels.bf16_tiles() or kernels.int8_batches() else 0)
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 6)
     assert len(prompt) >= 64  # the int4 layers' dense (GEMM) path
     tokens = torch.tensor([prompt])
@@ -131,9 +132,42 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
 
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16"}) == " (bfloat16 prefill GEMMs)"
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32"}) == ""
-    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "tile_rows": 6}) == (
-        " (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)")
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "batch_rows": 6,
+                      "batch_product": "amx"}) == " (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)"
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "batch_rows": 6,
+                      "batch_product": "int8"}) == (
+        " (bfloat16 prefill GEMMs, int8 activations for batches of 6+ rows, VNNI)")
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32", "batch_rows": 6,
+                      "batch_product": "int8"}) == " (int8 activations for batches of 6+ rows, VNNI)"
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs AVX-512 VNNI")
+def test_batches_use_int8_products_without_bf16(monkeypatch):
+    """On a CPU with VNNI and no native bf16 (simulated), dtype 'auto' gives the quantized default model's
+    batches of 6+ rows int8-activation products; their logits stay close to the int16 kernels' (which an
+    explicit float32 keeps), and the generate speed line says which products ran."""
+    from llamarun import device
+    from llamarun.quantize import BATCH_MIN_ROWS, set_int8_batches
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    llm = Llama.load(None)
+    assert (llm.dtype, llm.dense_dtype, llm.batch_rows, llm.batch_product) == (
+        torch.float32, torch.float32, BATCH_MIN_ROWS, "int8")
+    assert Llama.load(None, dtype="float32").batch_rows == 0
+    prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+    tokens = torch.tensor([prompt] * 2)  # 2 x ~12 rows: over the threshold, under the dense path's
+    assert BATCH_MIN_ROWS <= tokens.numel() < 64
+    with torch.inference_mode():
+        llm.model.setup_cache(2, len(prompt))
+        int8 = llm.model(tokens, 0)[0]
+        set_int8_batches(llm.model, 0)
+        int16 = llm.model(tokens, 0)[0]
+    assert not torch.equal(int8, int16)
+    assert F.cosine_similarity(int8, int16, dim=-1).min() > 0.99
+    assert (int8.argmax(-1) == int16.argmax(-1)).float().mean() >= 0.9
+    out = llm.generate([prompt] * 8, 4, temperature=0)[0]
+    assert all(row == out[0] for row in out)  # rows are computed independently: same prompt, same tokens
 
 
 @pytest.mark.skipif(not __import__("llamarun").kernels.available(), reason="needs the CPU kernels")

@@ -100,24 +100,83 @@ def test_bf16_tiles_match_the_bf16_reference(mode, n, k, g, m):
 
 @needs_tiles
 def test_bf16_tiles_follow_the_dense_dtype_and_need_16_row_strips():
-    """A layer uses the tiles from TILE_MIN_ROWS rows on once its dense dtype is bf16 (as Llama.load sets
+    """A layer uses the tiles from BATCH_MIN_ROWS rows on once its dense dtype is bf16 (as Llama.load sets
     it on such CPUs), never the dense path; output widths that are not a multiple of 16 keep the kernels."""
     layer = Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 3), "int4", 32))
     x = torch.randn(40, 128)
     fp32 = layer(x)
     layer.dense_dtype = torch.bfloat16
-    assert layer.tile_rows == Q.TILE_MIN_ROWS and layer._kernel_args()[1][-1] == Q.TILE_MIN_ROWS
+    assert layer.batch_rows == Q.BATCH_MIN_ROWS and layer._kernel_args()[1][-1] == Q.BATCH_MIN_ROWS
     tiles = layer(x)
     op, args = layer._kernel_args()
     assert torch.equal(tiles, op(x, *args)) and not torch.equal(tiles, fp32)
     torch.testing.assert_close(tiles, fp32, rtol=2e-2, atol=2e-2)
-    small = x[: Q.TILE_MIN_ROWS - 1]
+    small = x[: Q.BATCH_MIN_ROWS - 1]
     assert torch.equal(layer(small), op(small, *args[:-1], 0))
     layer.dense_dtype = torch.float32
-    assert layer.tile_rows == 0 and torch.equal(layer(x), fp32)
+    assert layer.batch_rows == 0 and torch.equal(layer(x), fp32)
     odd = Q.make_linear(Q.quantize_tensor(_random_weight(50, 128, 4), "int4", 32))
     op, args = odd._kernel_args()
-    assert torch.equal(op(x, *args[:-1], 1), op(x, *args[:-1], 0))
+    expected = _int8_reference(x, odd.qtensor)  # no tiles: the int8 batch products
+    assert (op(x, *args[:-1], 1).double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def _int8_reference(x: torch.Tensor, qt) -> torch.Tensor:
+    """What the int8 batch products compute, in float64: each 32-block of x rounded to int8 (scale amax /
+    127, round half to even), times the stored weight (w = q * scale [+ min])."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    blocks = x2.view(x2.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    xq = (torch.round(blocks / torch.where(d > 0, d, 1)) * d).view_as(x2)
+    return xq @ qt.dequantize(torch.float64).t()
+
+
+needs_int8 = pytest.mark.skipif(not kernels.int8_batches(), reason="no AVX-512 VNNI int8 products on this CPU")
+
+
+@needs_int8
+@pytest.mark.parametrize("mode,n,k,g", [
+    ("int8", 96, 576, None), ("int8", 48, 64, 32), ("int8", 40, 224, 32), ("int8", 33, 1536, 64),
+    ("int4", 96, 576, 32), ("int4", 48, 1536, 64), ("int4", 16, 192, 96), ("int4", 7, 96, 32), ("int4", 50, 160, 32),
+])
+@pytest.mark.parametrize("m", [1, 6, 7, 16, 40])
+def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
+    """Without AMX tiles, batches from the op's row threshold on run with x rounded to int8 per 32-block:
+    the same sums as the float64 reference of that rounding, block counts that are not a multiple of 4 or 8
+    included (the tails are masked loads). The error against float x stays near llama.cpp's (Q8 activations).
+    Below the threshold the same op runs the int16 kernel, bit for bit."""
+    if kernels.bf16_tiles():
+        pytest.skip("this CPU takes batches to the bf16 tiles")
+    qt = Q.quantize_tensor(_random_weight(n, k, seed=n + k), mode, g)
+    op, args = Q.make_linear(qt)._kernel_args()
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+    y = op(x, *args[:-1], 1)
+    ref = _int8_reference(x, qt)
+    assert y.shape == (m, n) and (y.double() - ref).abs().max().item() <= 2e-5 * (ref.abs().max().item() + 1e-6)
+    exact = x.double() @ qt.dequantize(torch.float64).t()
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
+    assert torch.equal(op(x, *args[:-1], m + 1), op(x, *args[:-1], 0))
+
+
+@needs_int8
+def test_int8_batches_follow_set_int8_batches():
+    """set_int8_batches gives layers the row threshold (the dense path keeps larger batches); rows=0 turns it
+    off; the layer's output is then the int16 kernel's again."""
+    if kernels.bf16_tiles():
+        pytest.skip("this CPU takes batches to the bf16 tiles")
+    model = torch.nn.Sequential(Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 5), "int4", 32)))
+    layer = model[0]
+    x = torch.randn(Q.BATCH_MIN_ROWS, 128)
+    int16 = layer(x)
+    assert Q.set_int8_batches(model) == 1 and layer.batch_rows == Q.BATCH_MIN_ROWS
+    int8 = layer(x)
+    assert not torch.equal(int8, int16)
+    assert (int8.double() - _int8_reference(x, layer.qtensor)).abs().max() <= 1e-5 * int8.abs().max()
+    assert torch.equal(layer(x[:-1]), layer._kernel(x[:-1]))  # one row short: int16
+    big = torch.randn(layer.dense_min_rows, 128)
+    torch.testing.assert_close(layer(big), big @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)  # dense path
+    Q.set_int8_batches(model, 0)
+    assert layer.batch_rows == 0 and torch.equal(layer(x), int16)
 
 
 @needs_kernels

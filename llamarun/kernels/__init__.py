@@ -213,6 +213,12 @@ def bf16_tiles() -> bool:
     return available() and bool(torch.ops.llamarun.bf16_tiles())
 
 
+def int8_batches() -> bool:
+    """True if the kernels have int8-activation products for batches (built for a CPU with AVX-512 VNNI;
+    see ``quantize.set_int8_batches``)."""
+    return available() and torch.ops.llamarun.simd_level() >= 3
+
+
 def set_num_threads(n: int | None) -> None:
     """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``)."""
     if available():

@@ -10,8 +10,8 @@
 //   Per layer l (L = len(k_caches) layers), weights[14 l ...] holds
 //       attention_norm.weight, ffn_norm.weight, then 3 tensors for each of wqkv, wo, w13, w2:
 //       float32 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
-//   ("-": any tensor, unused), and kinds[12 l ...] holds (bits, group_size, bf16_rows) for the same four
-//   linears, bits 32, 8 or 4 (bf16_rows: see q4_linear). The caches are written at `pos` (see attn_decode in fused.cpp).
+//   ("-": any tensor, unused), and kinds[12 l ...] holds (bits, group_size, batch_rows) for the same four
+//   linears, bits 32, 8 or 4 (batch_rows: see q4_linear). The caches are written at `pos` (see attn_decode in fused.cpp).
 //   Optionally the model's head follows the layers: 4 more weights (norm.weight, then output's 3 tensors
 //   as above) and 3 more kinds. With it the op returns logits [B, 1, V] = output(norm(h)) instead of h:
 //   the final norm and the output projection then cost no Python either (after a step has streamed the
@@ -32,10 +32,10 @@ constexpr int64_t kWeightsPerLayer = 14, kKindsPerLayer = 12, kKindsPerLinear = 
 
 // The linear whose 3 tensors start at t and whose (bits, group size) start at k.
 at::Tensor linear(const at::Tensor& x, const at::Tensor* t, const int64_t* k) {
-  const int64_t bits = k[0], group = k[1], bf16_rows = k[2];
+  const int64_t bits = k[0], group = k[1], batch_rows = k[2];
   switch (bits) {
-    case 4: return q4_linear(x, t[0], t[1], t[2], group, bf16_rows);
-    case 8: return q8_linear(x, t[0], t[1], group, bf16_rows);
+    case 4: return q4_linear(x, t[0], t[1], t[2], group, batch_rows);
+    case 8: return q8_linear(x, t[0], t[1], group, batch_rows);
     case 32: return f32_linear(x, t[0]);
     default: TORCH_CHECK(false, "decode_layers: unknown linear kind ", bits);
   }

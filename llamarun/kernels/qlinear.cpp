@@ -566,6 +566,172 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
   }
 }
 
+#ifdef LLAMARUN_AVX512
+// ---- int8 activations for batches (AVX-512 VNNI) -----------------------------------------------------
+// Batches of int4 products where the CPU has no AMX tiles: x rounded to int8 per 32-block (llama.cpp's
+// Q8 activations) instead of int16, so that vpdpbusd multiplies 64 unsigned 4-bit weights by 64 int8
+// inputs per instruction, where vpdpwssd multiplies 32 int16 pairs: half the instructions per weight, and
+// one float conversion and FMA per 4 blocks instead of per 2. Rounding: each input to 1/254 of its
+// block's largest magnitude (int16: 1/65534); relative error on a product ~5e-3 (bf16 tiles: ~2e-3).
+// Layout of a row's int8 activations, per group of 4 blocks A-D (128 bytes, the last group zero-padded):
+// A0..15 B0..15 C0..15 D0..15 | A16..31 B16..31 C16..31 D16..31, the order in which 64 bytes of int4
+// weights (4 blocks) split into low and high nibbles. Lanes 4i..4i+3 of the sums then hold block i's.
+struct Int8Activations {
+  int64_t nbp = 0;         // blocks per row, rounded up to a multiple of 8 (the padding is zeros)
+  std::vector<int8_t> q;   // [M, nbp * 32], in the layout above
+  std::vector<float> d;    // [M, nbp] scales
+  std::vector<float> s;    // [M, nbp] exact sums of the blocks' inputs (the int4 min term)
+};
+
+// nibble_order: the layout above (int4 weights); else each block's 32 inputs in order (int8 weights).
+void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activations& a, bool nibble_order) {
+  const int64_t nb = K / QK;
+  a.nbp = (nb + 7) / 8 * 8;
+  if (static_cast<int64_t>(a.q.size()) < M * a.nbp * QK) a.q.resize(M * a.nbp * QK);
+  if (static_cast<int64_t>(a.d.size()) < M * a.nbp) {
+    a.d.resize(M * a.nbp);
+    a.s.resize(M * a.nbp);
+  }
+  auto body = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      int8_t* q = a.q.data() + m * a.nbp * QK;
+      float* d = a.d.data() + m * a.nbp;
+      float* s = a.s.data() + m * a.nbp;
+      for (int64_t b = 0; b < a.nbp; ++b) {
+        // Where elements 0..15 go, and 16..31 relative to them.
+        int8_t* lo = nibble_order ? q + (b / 4) * 128 + (b % 4) * 16 : q + b * QK;
+        const int64_t hi_at = nibble_order ? 64 : 16;
+        if (b >= nb) {
+          std::memset(lo, 0, 16);
+          std::memset(lo + hi_at, 0, 16);
+          d[b] = s[b] = 0.0f;
+          continue;
+        }
+        const __m512 v0 = _mm512_loadu_ps(x + m * K + b * QK), v1 = _mm512_loadu_ps(x + m * K + b * QK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        // cvtps_epi32 rounds to nearest even (MXCSR default), as the int16 quantizer's round does.
+        const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(i0));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + hi_at), _mm512_cvtsepi32_epi8(i1));
+        d[b] = amax / 127.0f;
+        // The sum of the rounded inputs, not the exact one: the min term then pairs with the same x as the
+        // q term, and w = q * scale + min sees the rounding of x as a whole (centred) weight does. With the
+        // exact sum, min * sum(rounding errors) stays in: relative error 1.3e-2 instead of 5e-3 on a product.
+        s[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+      }
+    }
+  };
+  parallel_rows(M, std::max<int64_t>(1, (1 << 14) / K), body);
+}
+
+// As q4_rows, with int8 activations: per 8 blocks, the 8 combined scales of each activation row go in one
+// register; each 4 blocks are one 64-byte load, two vpdpbusd per activation row, one conversion, one
+// permute (each block's scale to its 4 lanes) and one FMA.
+template <int R>
+void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, const Int8Activations& a,
+                int64_t m0, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK, nbp = a.nbp;
+  const uint16_t *S_end = S + N * ng, *Z_end = Z + N * ng;
+  const int8_t* xq[R];
+  const float* xd[R];
+  const float* xs[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a.q.data() + (m0 + r) * nbp * QK;
+    xd[r] = a.d.data() + (m0 + r) * nbp;
+    xs[r] = a.s.data() + (m0 + r) * nbp;
+  }
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i idx0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(4));
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * (K / 2);
+    const uint16_t* sc = S + n * ng;
+    const uint16_t* mn = Z + n * ng;
+    __m512 acc[R], csz[R];
+    __m256 macc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_setzero_ps();
+      macc[r] = _mm256_setzero_ps();
+    }
+    auto quad = [&](int64_t b, __mmask64 mask, const __m512i& idx) __attribute__((always_inline)) {
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, w + b * (QK / 2));
+      const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xp = xq[r] + b * QK;  // b is a multiple of 4: its group's 128 bytes
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)),
+                                              hi, _mm512_loadu_si512(xp + 64));
+        acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, csz[r]), _mm512_cvtepi32_ps(p), acc[r]);
+      }
+    };
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int cnt = static_cast<int>(std::min<int64_t>(8, nb - b0));
+      const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
+      const __m256 wmv = group_values8(mn, b0, cnt, bpg, Z_end);
+      for (int r = 0; r < R; ++r) {
+        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0)));
+        macc[r] = _mm256_fmadd_ps(wmv, _mm256_loadu_ps(xs[r] + b0), macc[r]);
+      }
+      // Blocks past the row's end are never loaded (masked); their inputs and scales are zeros.
+      quad(b0, cnt >= 4 ? ~0ULL : (1ULL << (cnt * 16)) - 1, idx0);
+      if (cnt > 4) quad(b0 + 4, cnt == 8 ? ~0ULL : (1ULL << ((cnt - 4) * 16)) - 1, idx1);
+    }
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + hsum(macc[r]);
+  }
+}
+
+// As q8_rows, with int8 activations. vpdpbusd multiplies unsigned by signed bytes: the weights go in as
+// w + 128 (their sign bit flipped) and each block's sum loses 128 * sum(q_x), a term like int4's min
+// (-128 * scale_w * s, s = scale_x * sum(q_x)). Two blocks per 64-byte load, lanes 8i..8i+7 block i's.
+template <int R>
+void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Int8Activations& a, int64_t m0,
+                int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK, nbp = a.nbp;
+  const uint16_t* S_end = S + N * ng;
+  const int8_t* xq[R];
+  const float* xd[R];
+  const float* xs[R];
+  for (int r = 0; r < R; ++r) {
+    xq[r] = a.q.data() + (m0 + r) * nbp * QK;
+    xd[r] = a.d.data() + (m0 + r) * nbp;
+    xs[r] = a.s.data() + (m0 + r) * nbp;
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i idx[4];
+  for (int k = 0; k < 4; ++k)
+    idx[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
+  const __m256 m128 = _mm256_set1_ps(-128.0f);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* w = W + n * K;
+    const uint16_t* sc = S + n * ng;
+    __m512 acc[R], csz[R];
+    __m256 macc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm512_setzero_ps();
+      macc[r] = _mm256_setzero_ps();
+    }
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+      const int cnt = static_cast<int>(std::min<int64_t>(8, nb - b0));
+      const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
+      const __m256 wcv = _mm256_mul_ps(wsv, m128);
+      for (int r = 0; r < R; ++r) {
+        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0)));
+        macc[r] = _mm256_fmadd_ps(wcv, _mm256_loadu_ps(xs[r] + b0), macc[r]);
+      }
+      for (int j = 0; j < cnt; j += 2) {
+        // Blocks past the row's end are never loaded (masked); their inputs and scales are zeros.
+        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cnt - j >= 2 ? ~0ULL : 0xFFFFFFFFULL, w + (b0 + j) * QK), flip);
+        for (int r = 0; r < R; ++r) {
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(xq[r] + (b0 + j) * QK));
+          acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[j / 2], csz[r]), _mm512_cvtepi32_ps(p), acc[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + hsum(macc[r]);
+  }
+}
+#endif
+
 // ---- checks and the ops ---------------------------------------------------------------------------
 // Scales and mins are float16 values, passed as float16 or as int16 tensors holding float16 bits (the
 // modules store them so, which keeps module.to(dtype) from casting them).
@@ -611,7 +777,7 @@ void run_rows(int64_t M, int64_t N, int64_t row_bytes, RowsFn&& rows) {
 
 // ---- bf16 tile products (AMX) -------------------------------------------------------------------------
 // On CPUs with AMX (Sapphire Rapids and later), a linear with enough activation rows (the caller's
-// bf16_rows, 0 = never; llamarun sets it for the models it gives bf16 GEMMs) runs as bf16 tile products
+// batch_rows, 0 = never; llamarun sets it for the models it gives bf16 GEMMs) runs as bf16 tile products
 // instead: x is rounded to bf16 once, each 16-row strip of W is dequantized to bf16 (w = q * scale
 // [+ min], rounded once) into an L1/L2-resident buffer, and TDPBF16PS multiplies 16 weight rows x 32
 // inputs by 32 inputs x 16 activation rows per instruction, accumulating in float32. This is the dense
@@ -820,24 +986,24 @@ bool amx_ready() { return false; }
 #endif
 
 // Whether a product with M activation rows runs as bf16 tile products (see above).
-bool use_amx(int64_t bf16_rows, int64_t M, int64_t N) {
-  return bf16_rows > 0 && M >= bf16_rows && N % 16 == 0 && amx_ready();
+bool use_amx(int64_t batch_rows, int64_t M, int64_t N) {
+  return batch_rows > 0 && M >= batch_rows && N % 16 == 0 && amx_ready();
 }
 
-// The shared body of the two linear ops: quantize x's M rows once, into buffers reused by the calling
-// thread, then call rows(std::integral_constant<int, R>, a, m0, n0, n1, out) for every tile of up to MB
-// activation rows (R = 1..4, a compile-time count) and weight rows [n0, n1).
-template <typename Rows>
-at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_bytes, Rows&& rows) {
+// The shared body of the linear ops: quantize x's M rows once (quantize(x, M, K, act)), into buffers reused
+// by the calling thread, then call rows(std::integral_constant<int, R>, act, m0, n0, n1, out) for every tile
+// of up to MB activation rows (R = 1..4, a compile-time count) and weight rows [n0, n1).
+template <typename Act, typename Quantize, typename Rows>
+at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_bytes, Quantize&& quantize, Rows&& rows) {
   const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const int64_t M = K ? x.numel() / K : 0;
   at::Tensor y = at::empty(out_shape(x, N), x.options());
   if (M > 0 && N > 0) {
     // Bind a plain reference: a lambda naming a thread_local directly would read the *running* thread's
     // instance when a pool helper runs it.
-    thread_local QuantizedActivations tls_act;
-    QuantizedActivations& a = tls_act;
-    quantize_activations(xc.data_ptr<float>(), M, K, a);
+    thread_local Act tls_act;
+    Act& a = tls_act;
+    quantize(xc.data_ptr<float>(), M, K, a);
     float* out = y.data_ptr<float>();
     run_rows(M, N, row_bytes, [&](int64_t m0, int64_t r, int64_t n0, int64_t n1) {
       switch (r) {
@@ -851,28 +1017,45 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
   return y;
 }
 
+template <typename Rows>
+at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_bytes, Rows&& rows) {
+  return linear_op<QuantizedActivations>(x, N, K, row_bytes, quantize_activations, rows);
+}
+
 }  // namespace
 
-// The two linear ops (declared in kernels.h: layers.cpp calls them directly).
+// The two linear ops (declared in kernels.h: layers.cpp calls them directly). Products of at least
+// batch_rows activation rows (0 = never) run as bf16 tile products where the CPU has AMX and N is a multiple
+// of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8); anything else, and
+// every product on other CPUs, with int16 activations.
 namespace llamarun_kernels {
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
-                     int64_t bf16_rows) {
+                     int64_t batch_rows) {
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "int8 qweight must be int8 [out, in]");
   const int64_t N = qweight.size(0), K = qweight.size(1);
   check_common(x, qweight, scales, K, group_size);
   const int8_t* W = qweight.data_ptr<int8_t>();
   const uint16_t* S = f16_bits(scales);
 #ifdef LLAMARUN_AMX
-  if (use_amx(bf16_rows, x.numel() / K, N))
+  if (use_amx(batch_rows, x.numel() / K, N))
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); });
+#endif
+#ifdef LLAMARUN_AVX512
+  if (batch_rows > 0 && x.numel() / K >= batch_rows)
+    return linear_op<Int8Activations>(x, N, K, K,
+                                      [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
+                                        quantize_activations_i8(x, M, K, a, false);
+                                      },
+                                      [&](auto R, const Int8Activations& a, int64_t m0, int64_t n0, int64_t n1,
+                                          float* out) { q8_rows_i8<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
 #endif
   return linear_op(x, N, K, K, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                    float* out) { q8_rows<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
-                     int64_t group_size, int64_t bf16_rows) {
+                     int64_t group_size, int64_t batch_rows) {
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "int4 qweight must be uint8 [out, in / 2]");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
   check_common(x, qweight, scales, K, group_size);
@@ -882,8 +1065,17 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const uint16_t* S = f16_bits(scales);
   const uint16_t* Z = f16_bits(mins);
 #ifdef LLAMARUN_AMX
-  if (use_amx(bf16_rows, x.numel() / K, N))
+  if (use_amx(batch_rows, x.numel() / K, N))
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); });
+#endif
+#ifdef LLAMARUN_AVX512
+  if (batch_rows > 0 && x.numel() / K >= batch_rows)
+    return linear_op<Int8Activations>(x, N, K, K / 2,
+                                      [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
+                                        quantize_activations_i8(x, M, K, a, true);
+                                      },
+                                      [&](auto R, const Int8Activations& a, int64_t m0, int64_t n0, int64_t n1,
+                                          float* out) { q4_rows_i8<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
 #endif
   return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                        float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
@@ -1145,8 +1337,8 @@ int64_t simd_level() {
 #endif
 
 TORCH_LIBRARY(LLAMARUN_OPS_NS, m) {
-  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, int group_size, int bf16_rows=0) -> Tensor");
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, int bf16_rows=0) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, int group_size, int batch_rows=0) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size, int batch_rows=0) -> Tensor");
   m.def("bf16_tiles() -> bool", &amx_ready);
   m.def("q8_dequant(Tensor qweight, Tensor scales, int group_size, int row0=0, int rows=-1) -> Tensor");
   m.def("q4_dequant(Tensor qweight, Tensor scales, Tensor mins, int group_size, int row0=0, int rows=-1) -> Tensor");
