@@ -505,16 +505,16 @@ class QuantizedLinear(nn.Module):
         self._dense_dtype = dtype
         self.batch_rows = BATCH_MIN_ROWS if dtype == torch.bfloat16 and kernels.bf16_tiles() else 0
         self.dense_min_rows = 1 << 62 if self.batch_rows else DENSE_MIN_ROWS[self.mode]
-        self.__dict__["_kargs"] = None
 
-    # The cached kernel arguments hold the buffer tensors themselves: drop them whenever the buffers may be
-    # replaced (module.to(), .cuda(), assignment); load_state_dict copies in place and keeps them valid.
+    # The cached kernel arguments hold the buffer tensors themselves and batch_rows: drop them whenever the
+    # buffers may be replaced (module.to(), .cuda(), assignment) or batch_rows changes; load_state_dict
+    # copies in place and keeps them valid.
     def _apply(self, fn, *args, **kwargs):
         self.__dict__["_kargs"] = None
         return super()._apply(fn, *args, **kwargs)
 
     def __setattr__(self, name: str, value) -> None:
-        if name in ("qweight", "scales", "mins"):
+        if name in ("qweight", "scales", "mins", "batch_rows"):
             self.__dict__["_kargs"] = None
         super().__setattr__(name, value)
 
@@ -650,7 +650,6 @@ def set_int8_batches(model: nn.Module, rows: int = BATCH_MIN_ROWS) -> int:
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.batch_rows = rows
-            m.__dict__["_kargs"] = None
             layers += 1
         elif hasattr(m, "_stacks"):  # fastpath.FastTransformer: its decode op's arguments include batch_rows
             m._stacks = None

@@ -580,12 +580,27 @@ struct Int8Activations {
   int64_t nbp = 0;         // blocks per row, rounded up to a multiple of 8 (the padding is zeros)
   std::vector<int8_t> q;   // [M, nbp * 32], in the layout above
   std::vector<float> d;    // [M, nbp] scales
-  std::vector<float> s;    // [M, nbp] exact sums of the blocks' inputs (the int4 min term)
+  std::vector<float> s;    // [M, nbp] sums of the blocks' rounded inputs, scale * sum(q) (int4 min, int8 -128 term)
+};
+
+// Activation rows m0 .. m0+R-1 of a: their int8 inputs, block scales and block sums.
+template <int R>
+struct Int8Rows {
+  const int8_t* q[R];
+  const float* d[R];
+  const float* s[R];
+  Int8Rows(const Int8Activations& a, int64_t m0) {
+    for (int r = 0; r < R; ++r) {
+      q[r] = a.q.data() + (m0 + r) * a.nbp * QK;
+      d[r] = a.d.data() + (m0 + r) * a.nbp;
+      s[r] = a.s.data() + (m0 + r) * a.nbp;
+    }
+  }
 };
 
 // nibble_order: the layout above (int4 weights); else each block's 32 inputs in order (int8 weights).
 void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activations& a, bool nibble_order) {
-  const int64_t nb = K / QK;
+  const int64_t nb = K / QK, hi_at = nibble_order ? 64 : 16;  // elements 16..31, relative to 0..15
   a.nbp = (nb + 7) / 8 * 8;
   if (static_cast<int64_t>(a.q.size()) < M * a.nbp * QK) a.q.resize(M * a.nbp * QK);
   if (static_cast<int64_t>(a.d.size()) < M * a.nbp) {
@@ -598,9 +613,7 @@ void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activatio
       float* d = a.d.data() + m * a.nbp;
       float* s = a.s.data() + m * a.nbp;
       for (int64_t b = 0; b < a.nbp; ++b) {
-        // Where elements 0..15 go, and 16..31 relative to them.
-        int8_t* lo = nibble_order ? q + (b / 4) * 128 + (b % 4) * 16 : q + b * QK;
-        const int64_t hi_at = nibble_order ? 64 : 16;
+        int8_t* lo = nibble_order ? q + (b / 4) * 128 + (b % 4) * 16 : q + b * QK;  // where elements 0..15 go
         if (b >= nb) {
           std::memset(lo, 0, 16);
           std::memset(lo + hi_at, 0, 16);
@@ -631,16 +644,9 @@ void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activatio
 template <int R>
 void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, const Int8Activations& a,
                 int64_t m0, int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t nb = K / QK, ng = K / G, bpg = G / QK, nbp = a.nbp;
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
   const uint16_t *S_end = S + N * ng, *Z_end = Z + N * ng;
-  const int8_t* xq[R];
-  const float* xd[R];
-  const float* xs[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = a.q.data() + (m0 + r) * nbp * QK;
-    xd[r] = a.d.data() + (m0 + r) * nbp;
-    xs[r] = a.s.data() + (m0 + r) * nbp;
-  }
+  const Int8Rows<R> x(a, m0);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i idx0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(4));
@@ -658,7 +664,7 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
       const __m512i v = _mm512_maskz_loadu_epi8(mask, w + b * (QK / 2));
       const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       for (int r = 0; r < R; ++r) {
-        const int8_t* xp = xq[r] + b * QK;  // b is a multiple of 4: its group's 128 bytes
+        const int8_t* xp = x.q[r] + b * QK;  // b is a multiple of 4: its group's 128 bytes
         const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp)),
                                               hi, _mm512_loadu_si512(xp + 64));
         acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx, csz[r]), _mm512_cvtepi32_ps(p), acc[r]);
@@ -669,8 +675,8 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
       const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
       const __m256 wmv = group_values8(mn, b0, cnt, bpg, Z_end);
       for (int r = 0; r < R; ++r) {
-        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0)));
-        macc[r] = _mm256_fmadd_ps(wmv, _mm256_loadu_ps(xs[r] + b0), macc[r]);
+        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(x.d[r] + b0)));
+        macc[r] = _mm256_fmadd_ps(wmv, _mm256_loadu_ps(x.s[r] + b0), macc[r]);
       }
       // Blocks past the row's end are never loaded (masked); their inputs and scales are zeros.
       quad(b0, cnt >= 4 ? ~0ULL : (1ULL << (cnt * 16)) - 1, idx0);
@@ -686,16 +692,9 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
 template <int R>
 void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Int8Activations& a, int64_t m0,
                 int64_t n0, int64_t n1, float* y, int64_t N) {
-  const int64_t nb = K / QK, ng = K / G, bpg = G / QK, nbp = a.nbp;
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
   const uint16_t* S_end = S + N * ng;
-  const int8_t* xq[R];
-  const float* xd[R];
-  const float* xs[R];
-  for (int r = 0; r < R; ++r) {
-    xq[r] = a.q.data() + (m0 + r) * nbp * QK;
-    xd[r] = a.d.data() + (m0 + r) * nbp;
-    xs[r] = a.s.data() + (m0 + r) * nbp;
-  }
+  const Int8Rows<R> x(a, m0);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i idx[4];
   for (int k = 0; k < 4; ++k)
@@ -715,14 +714,14 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
       const __m256 wsv = group_values8(sc, b0, cnt, bpg, S_end);
       const __m256 wcv = _mm256_mul_ps(wsv, m128);
       for (int r = 0; r < R; ++r) {
-        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(xd[r] + b0)));
-        macc[r] = _mm256_fmadd_ps(wcv, _mm256_loadu_ps(xs[r] + b0), macc[r]);
+        csz[r] = _mm512_castps256_ps512(_mm256_mul_ps(wsv, _mm256_loadu_ps(x.d[r] + b0)));
+        macc[r] = _mm256_fmadd_ps(wcv, _mm256_loadu_ps(x.s[r] + b0), macc[r]);
       }
       for (int j = 0; j < cnt; j += 2) {
         // Blocks past the row's end are never loaded (masked); their inputs and scales are zeros.
         const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cnt - j >= 2 ? ~0ULL : 0xFFFFFFFFULL, w + (b0 + j) * QK), flip);
         for (int r = 0; r < R; ++r) {
-          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(xq[r] + (b0 + j) * QK));
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(x.q[r] + (b0 + j) * QK));
           acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[j / 2], csz[r]), _mm512_cvtepi32_ps(p), acc[r]);
         }
       }
