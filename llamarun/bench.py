@@ -22,23 +22,27 @@ DECODE_PROMPT = 16  # tokens of prompt per row before the timed decode
 
 
 def prefill_gemm_dtype(llm) -> str:
-    """The dtype name of the model's prefill matrix products (its ``dense_dtype``, else its activations')."""
+    """What the model's prefill matrix products multiply in: "int8" where the kernels' int8 products take
+    the batches (``Llama.batch_product``), else the dtype name of its ``dense_dtype`` (or activations)."""
+    if llm.batch_product == "int8":
+        return "int8"
     return str(llm.dense_dtype or llm.dtype).replace("torch.", "")
 
 
 def gemm_note(info: dict) -> str:
     """What the speed line says about the matrix products, e.g. ' (bfloat16 prefill GEMMs)' where prefill's
     run in another dtype than the activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX
-    tiles)' where the kernels' tile products take the batches too, ' (int8 activations for batches of 6+
-    rows, VNNI)' where the kernels' int8 products do (``info``: a bench report or ``generate``'s stats, with
-    ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
+    tiles)' where the kernels' tile products take the batches too, ' (int8 activations for prefill and
+    batches of 6+ rows, VNNI)' where the kernels' int8 products do (``info``: a bench report or
+    ``generate``'s stats, with ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
     gemm, rows, kind = info["prefill_gemm_dtype"], info.get("batch_rows"), info.get("batch_product")
-    int8 = f"int8 activations for batches of {rows}+ rows, VNNI" if rows and kind == "int8" else ""
+    if rows and kind == "int8":
+        return f" (int8 activations for prefill and batches of {rows}+ rows, VNNI)"
     if gemm == info["dtype"]:
-        return f" ({int8})" if int8 else ""
+        return ""
     if rows and kind == "amx":
         return f" ({gemm} GEMMs for prefill and batches of {rows}+ rows, AMX tiles)"
-    return f" ({gemm} prefill GEMMs{', ' + int8 if int8 else ''})"
+    return f" ({gemm} prefill GEMMs)"
 
 
 def check_fits(llm, args) -> None:

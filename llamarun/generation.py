@@ -78,8 +78,10 @@ def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype, device: 
 def _batch_products(model: Transformer, dtype: str | torch.dtype, device: torch.device,
                     dense: torch.dtype | None) -> None:
     """The quantized layers' large-batch products: bf16 GEMMs (and AMX tiles) where ``dense`` says so; with
-    ``dtype='auto'`` on a CPU, batches without tiles get the kernels' int8-activation products where they
-    have them (``quantize.set_int8_batches``). An explicit float32 keeps every product on int16 activations."""
+    ``dtype='auto'`` on a CPU, batches without tiles (prefill's included) get the kernels' int8-activation
+    products where they have them (``quantize.set_int8_batches``), and prefill's attention keeps ``dense``.
+    An explicit float32 keeps single rows and small batches on int16 activations, large ones on float32
+    GEMMs."""
     from .quantize import QuantizedLinear, set_dense_dtype, set_int8_batches
 
     if dense is not None:
@@ -391,7 +393,8 @@ class Llama:
     @property
     def batch_rows(self) -> int:
         """Activation rows from which the quantized layers use the kernels' batch products (bf16 tiles with
-        AMX, else int8 activations with AVX-512 VNNI; see ``quantize.BATCH_MIN_ROWS``), or 0 where they don't."""
+        AMX, else int8 activations with AVX-512 VNNI; prefill's included; see ``quantize.BATCH_MIN_ROWS``),
+        or 0 where they don't."""
         from .quantize import QuantizedLinear
 
         return next((m.batch_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), 0)

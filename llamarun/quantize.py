@@ -50,12 +50,13 @@ QK = 32  # the kernels' activation block; int4 groups are made of 32-element blo
 # Activation rows at or above which a CPU layer dequantizes its weight and calls MKL's float GEMM instead
 # of the integer kernel (measured on AVX2; see benchmarks/kernel_bench.py).
 DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
-# Products of at least this many activation rows run as the kernels' batch products: with bf16 GEMMs on a
-# CPU with AMX, bf16 tile products (for every size above it: faster than the dense path too); else, on a
-# CPU with AVX-512 VNNI, int8-activation products up to the dense path's threshold. Measured on 2-core
-# VMs, SmolLM2's layers: at 6 rows tiles cost 0.8-1.0x the integer kernel, at 16 0.2-0.3x, at 512 rows
-# 0.3x the dense path (Sapphire Rapids); int8 activations 0.7-0.8x at 6 rows, 0.6-0.7x at 16 (a Xeon
-# with VNNI but no AMX).
+# Products of at least this many activation rows run as the kernels' batch products, for every size above
+# it (faster than the dense path too, prefill's 512 rows included): with bf16 GEMMs on a CPU with AMX, bf16
+# tile products; else, on a CPU with AVX-512 VNNI, int8-activation products (from 16 rows an int8 GEMM).
+# Measured on 2-core VMs, SmolLM2's layers: at 6 rows tiles cost 0.8-1.0x the integer kernel, at 16
+# 0.2-0.3x, at 512 rows 0.3x the dense path (Sapphire Rapids); int8 activations 0.7-0.8x at 6 rows,
+# 0.6-0.7x at 16 (a Xeon with VNNI but no AMX), at 32-512 rows 0.3-0.5x the int16 kernel and 0.6-0.9x
+# dequantize + bf16 GEMM (Zen 4).
 BATCH_MIN_ROWS = 6
 # Dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more
 # peak memory).
@@ -490,7 +491,6 @@ class QuantizedLinear(nn.Module):
         _register_qt(self, qt)
         self._fast: bool | None = None  # CPU kernels usable (decided on the first CPU call)
         self._kargs: tuple | None = None  # (op, its weight arguments): buffers fetched once, not per call
-        self.dense_min_rows = DENSE_MIN_ROWS[self.mode]
         self.batch_rows = 0  # > 0: batches of at least this many rows use the kernels' batch products
 
     @property
@@ -504,7 +504,6 @@ class QuantizedLinear(nn.Module):
     def dense_dtype(self, dtype: torch.dtype) -> None:
         self._dense_dtype = dtype
         self.batch_rows = BATCH_MIN_ROWS if dtype == torch.bfloat16 and kernels.bf16_tiles() else 0
-        self.dense_min_rows = 1 << 62 if self.batch_rows else DENSE_MIN_ROWS[self.mode]
 
     # The cached kernel arguments hold the buffer tensors themselves and batch_rows: drop them whenever the
     # buffers may be replaced (module.to(), .cuda(), assignment) or batch_rows changes; load_state_dict
@@ -516,6 +515,10 @@ class QuantizedLinear(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         if name in ("qweight", "scales", "mins", "batch_rows"):
             self.__dict__["_kargs"] = None
+        if name == "batch_rows":
+            # The kernels' batch products (AMX tiles, int8 GEMM) beat dequantize + GEMM at every batch size,
+            # prefill's included: with them on, the dense path is never taken.
+            self.__dict__["dense_min_rows"] = 1 << 62 if value else DENSE_MIN_ROWS[self.mode]
         super().__setattr__(name, value)
 
     @classmethod
@@ -638,12 +641,13 @@ def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def set_int8_batches(model: nn.Module, rows: int = BATCH_MIN_ROWS) -> int:
-    """Run the quantized layers' batches of ``rows`` or more activation rows (up to the dense path's
-    threshold) as the kernels' int8-activation products, where the CPU has AVX-512 VNNI: x rounded to int8
-    per 32-block, as llama.cpp does throughout (relative error ~5e-3 on a product, against ~5e-5 for the
-    int16 rounding of single rows), for 1.3-1.7x the speed (``llamarun bench``: batch 16 ~380 -> ~500 tok/s
-    on a 2-core Xeon). ``Llama.load`` does it with ``dtype='auto'`` on such CPUs when the batches have no
-    bf16 tiles; rows=0 turns it off. Returns the layers switched (0 without VNNI)."""
+    """Run the quantized layers' batches of ``rows`` or more activation rows (decode batches and prefill:
+    the dense path is then never taken) as the kernels' int8-activation products, where the CPU has AVX-512
+    VNNI: x rounded to int8 per 32-block, as llama.cpp does throughout (relative error ~5e-3 on a product,
+    against ~5e-5 for the int16 rounding of single rows and ~3e-3 for bf16 GEMMs), for 1.3-3x the int16
+    kernel's speed; from 16 rows they run as an int8 GEMM. ``Llama.load`` does it with ``dtype='auto'`` on
+    such CPUs when the batches have no bf16 tiles; rows=0 turns it off (large batches dequantize + GEMM
+    again). Returns the layers switched (0 without VNNI)."""
     if rows and not kernels.int8_batches():
         return 0
     layers = 0

@@ -115,6 +115,7 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 6)
     assert len(prompt) >= 64  # the int4 layers' dense (GEMM) path
     tokens = torch.tensor([prompt])
+    int8 = llm.batch_product == "int8"
     with torch.inference_mode():
         llm.model.setup_cache(1, len(prompt) + 1)
         bf16 = llm.model(tokens, 0)[0]
@@ -124,7 +125,10 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
         fp32 = llm.model(tokens, 0)[0]
     assert not torch.equal(bf16, fp32)  # the GEMMs did change
     assert torch.equal(bf16.argmax(-1)[-8:], fp32.argmax(-1)[-8:])
-    assert (bf16 - fp32).abs().max() < 1.0 and F.cosine_similarity(bf16, fp32, dim=-1).min() > 0.995
+    # With VNNI and no AMX the int8 products take prefill too (x rounded to int8, as llama.cpp does): measured
+    # max 1.63, cosine 0.992 on this prompt, where bf16 GEMMs give 0.47 and 0.998.
+    assert (bf16 - fp32).abs().max() < (2.5 if int8 else 1.0)
+    assert F.cosine_similarity(bf16, fp32, dim=-1).min() > (0.985 if int8 else 0.995)
     out = llm.generate([prompt[:5]], 3, temperature=0)
     assert len(out[0][0]) == 3 and llm.model._decode_stack(1) is not None  # decode: the fused float32 path
     assert Llama.load(None, dtype="float32").dense_dtype == torch.float32
@@ -134,11 +138,8 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32"}) == ""
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "batch_rows": 6,
                       "batch_product": "amx"}) == " (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)"
-    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "batch_rows": 6,
-                      "batch_product": "int8"}) == (
-        " (bfloat16 prefill GEMMs, int8 activations for batches of 6+ rows, VNNI)")
-    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "float32", "batch_rows": 6,
-                      "batch_product": "int8"}) == " (int8 activations for batches of 6+ rows, VNNI)"
+    assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "int8", "batch_rows": 6,
+                      "batch_product": "int8"}) == " (int8 activations for prefill and batches of 6+ rows, VNNI)"
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
 
 

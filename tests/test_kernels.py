@@ -124,10 +124,12 @@ def test_bf16_tiles_follow_the_dense_dtype_and_need_16_row_strips():
 def _int8_reference(x: torch.Tensor, qt) -> torch.Tensor:
     """What the int8 batch products compute, in float64: each 32-block of x rounded to int8 (scale amax /
     127, round half to even), times the stored weight (w = q * scale [+ min])."""
-    x2 = x.reshape(-1, x.shape[-1]).double()
+    x2 = x.reshape(-1, x.shape[-1]).float()
     blocks = x2.view(x2.shape[0], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(blocks / torch.where(d > 0, d, 1)) * d).view_as(x2)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # As the kernels round: x * (127 / amax) in float32 (x / d can land on the other side of a .5 tie).
+    q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0))
+    xq = (q.double() * (amax / 127).double()).view_as(x2)
     return xq @ qt.dequantize(torch.float64).t()
 
 
@@ -139,12 +141,14 @@ needs_int8 = pytest.mark.skipif(not kernels.int8_batches(), reason="no AVX-512 V
     ("int8", 96, 576, None), ("int8", 48, 64, 32), ("int8", 40, 224, 32), ("int8", 33, 1536, 64),
     ("int4", 96, 576, 32), ("int4", 48, 1536, 64), ("int4", 16, 192, 96), ("int4", 7, 96, 32), ("int4", 50, 160, 32),
 ])
-@pytest.mark.parametrize("m", [1, 6, 7, 16, 40])
+@pytest.mark.parametrize("m", [1, 6, 7, 15, 16, 40, 150])
 def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
     """Without AMX tiles, batches from the op's row threshold on run with x rounded to int8 per 32-block:
     the same sums as the float64 reference of that rounding, block counts that are not a multiple of 4 or 8
-    included (the tails are masked loads). The error against float x stays near llama.cpp's (Q8 activations).
-    Below the threshold the same op runs the int16 kernel, bit for bit."""
+    included (the tails are masked loads), and from 16 rows through the int8 GEMM (16-row tiles; 150 rows:
+    a partial tile and two passes of 8 tiles; output widths not a multiple of its 8 rows). The error against
+    float x stays near llama.cpp's (Q8 activations). Below the threshold the same op runs the int16 kernel,
+    bit for bit."""
     if kernels.bf16_tiles():
         pytest.skip("this CPU takes batches to the bf16 tiles")
     qt = Q.quantize_tensor(_random_weight(n, k, seed=n + k), mode, g)
@@ -159,9 +163,27 @@ def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
 
 
 @needs_int8
+@pytest.mark.parametrize("mode,n,k,g", [("int4", 45, 96, 32), ("int8", 17, 192, 64), ("int4", 64, 576, 32),
+                                        ("int8", 8, 224, None)])
+def test_int8_gemm_agrees_with_the_row_kernel(mode, n, k, g):
+    """From 16 rows the int8 products run as a GEMM (16 activation rows in a register's lanes): the same
+    rounded inputs and integer block sums as the row kernel below 16 rows, so every row agrees with what
+    the row kernel gives it, to float32 rounding."""
+    if kernels.bf16_tiles():
+        pytest.skip("this CPU takes batches to the bf16 tiles")
+    qt = Q.quantize_tensor(_random_weight(n, k, seed=n), mode, g)
+    op, args = Q.make_linear(qt)._kernel_args()
+    x = torch.randn(37, k, generator=torch.Generator().manual_seed(k))
+    gemm = op(x, *args[:-1], 1)
+    rows = torch.cat([op(x[i : i + 8], *args[:-1], 1) for i in range(0, 37, 8)])  # 8 and 5 rows: row kernel
+    assert (gemm - rows).abs().max() <= 1e-6 * rows.abs().max()
+
+
+@needs_int8
 def test_int8_batches_follow_set_int8_batches():
-    """set_int8_batches gives layers the row threshold (the dense path keeps larger batches); rows=0 turns it
-    off; the layer's output is then the int16 kernel's again."""
+    """set_int8_batches gives layers the row threshold, and every larger batch (prefill's included) goes to
+    the int8 products instead of the dense path; rows=0 turns it off: the layer's output is then the int16
+    kernel's again, and large batches dequantize + GEMM."""
     if kernels.bf16_tiles():
         pytest.skip("this CPU takes batches to the bf16 tiles")
     model = torch.nn.Sequential(Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 5), "int4", 32)))
@@ -173,10 +195,12 @@ def test_int8_batches_follow_set_int8_batches():
     assert not torch.equal(int8, int16)
     assert (int8.double() - _int8_reference(x, layer.qtensor)).abs().max() <= 1e-5 * int8.abs().max()
     assert torch.equal(layer(x[:-1]), layer._kernel(x[:-1]))  # one row short: int16
-    big = torch.randn(layer.dense_min_rows, 128)
-    torch.testing.assert_close(layer(big), big @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)  # dense path
+    big = torch.randn(2 * Q.DENSE_MIN_ROWS["int4"], 128)
+    assert (layer(big).double() - _int8_reference(big, layer.qtensor)).abs().max() <= 1e-5 * layer(big).abs().max()
     Q.set_int8_batches(model, 0)
     assert layer.batch_rows == 0 and torch.equal(layer(x), int16)
+    assert layer.dense_min_rows == Q.DENSE_MIN_ROWS["int4"]
+    torch.testing.assert_close(layer(big), big @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)  # dense path
 
 
 @needs_kernels

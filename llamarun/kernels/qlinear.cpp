@@ -729,6 +729,199 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
     for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + hsum(macc[r]);
   }
 }
+
+// ---- int8 GEMM for batches of 16+ rows (AVX-512 VNNI) ---------------------------------------------------
+// From GEMM_MIN_ROWS activation rows the int8 products turn around: each 512-bit register holds one output
+// column for 16 activation rows (its lanes), and vpdpbusd multiplies 4 inputs of each of the 16 rows
+// (unsigned: the int8 value + 128) by the same 4 weights, broadcast from memory (signed bytes). A weight
+// byte is then loaded once per 16 rows, not once per row, and no lane needs summing at the end; the
+// conversion, scale and min FMAs come once per 32-block and 16 products. The inputs are rounded exactly
+// as for q4_rows_i8 (so results match it to float rounding); the +128 comes off by starting each block's
+// sum at -128 * sum(q_w). Weight rows are unpacked GEMM_NR at a time into natural-order int8 rows (int4:
+// their nibbles split; int8: copied) with per-block float scales and mins, and reused for every 16-row
+// tile of activations (prefill's 512 rows: 32 tiles).
+constexpr int64_t GEMM_MIN_ROWS = 16;
+constexpr int GEMM_NR = 8;           // weight rows per pass (8 int32 + 8 float accumulators)
+constexpr int64_t GEMM_TILES = 8;    // activation tiles (of 16 rows) per pass over a weight row: 128 rows
+
+// x's rows in tiles of 16: for tile t, block b, dword j (inputs 4j..4j+3), the 16 rows' 4 bytes side by side.
+struct Int8Tiles {
+  int64_t nb = 0, tiles = 0;
+  std::vector<uint32_t> q;  // [tiles][nb * 8][16] the rows' int8 inputs + 128 (lanes past M: 0 + 128)
+  std::vector<float> d;     // [tiles][nb][16] block scales (0 past M)
+  std::vector<float> s;     // [tiles][nb][16] d * sum of the block's rounded inputs (int4's min term)
+};
+
+void quantize_tiles_i8(const float* x, int64_t M, int64_t K, Int8Tiles& a) {
+  a.nb = K / QK;
+  a.tiles = (M + 15) / 16;
+  const int64_t nb = a.nb;
+  if (static_cast<int64_t>(a.q.size()) < a.tiles * nb * 8 * 16) a.q.resize(a.tiles * nb * 8 * 16);
+  if (static_cast<int64_t>(a.d.size()) < a.tiles * nb * 16) {
+    a.d.resize(a.tiles * nb * 16);
+    a.s.resize(a.tiles * nb * 16);
+  }
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
+  parallel_rows(a.tiles * 16, std::max<int64_t>(16, (1 << 14) / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint32_t* q = a.q.data() + (m / 16) * nb * 8 * 16 + m % 16;
+      float* d = a.d.data() + (m / 16) * nb * 16 + m % 16;
+      float* s = a.s.data() + (m / 16) * nb * 16 + m % 16;
+      for (int64_t b = 0; b < nb; ++b) {
+        alignas(16) uint32_t w[8];
+        if (m >= M) {
+          std::fill(w, w + 8, 0x80808080u);
+          d[b * 16] = s[b * 16] = 0.0f;
+        } else {
+          const __m512 v0 = _mm512_loadu_ps(x + m * K + b * QK), v1 = _mm512_loadu_ps(x + m * K + b * QK + 16);
+          const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+          const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+          const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
+          _mm_store_si128(reinterpret_cast<__m128i*>(w), _mm_xor_si128(_mm512_cvtsepi32_epi8(i0), bias));
+          _mm_store_si128(reinterpret_cast<__m128i*>(w + 4), _mm_xor_si128(_mm512_cvtsepi32_epi8(i1), bias));
+          d[b * 16] = amax / 127.0f;
+          s[b * 16] = d[b * 16] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+        }
+        for (int j = 0; j < 8; ++j) q[(b * 8 + j) * 16] = w[j];
+      }
+    }
+  });
+}
+
+// GEMM_NR unpacked weight rows: natural-order int8 values, -128 * each block's sum, block scales and mins.
+struct GemmRows {
+  std::vector<int8_t> w;    // [GEMM_NR][K] as unpacked
+  std::vector<uint32_t> wt; // [nb * 8][GEMM_NR]: dword j of block b of every row side by side (interleave)
+  std::vector<int32_t> c;   // [nb][GEMM_NR]
+  std::vector<float> sc;    // [nb][GEMM_NR]
+  std::vector<float> mn;    // [nb][GEMM_NR] (int4 only)
+  void resize(int64_t K) {
+    w.resize(GEMM_NR * K);
+    wt.resize(GEMM_NR * K / 4);
+    c.resize(GEMM_NR * K / QK);
+    sc.resize(GEMM_NR * K / QK);
+    mn.resize(GEMM_NR * K / QK);
+  }
+  // w -> wt, one 8 x 8 dword transpose per block: the kernel then broadcasts the 8 rows' weights from
+  // one pointer at constant offsets (8 row pointers would not fit in registers beside the accumulators).
+  void interleave(int64_t K) {
+    static_assert(GEMM_NR == 8, "the transpose is 8 x 8");
+    for (int64_t b = 0; b < K / QK; ++b) {
+      __m256i R[8], t[8], u[8];
+      for (int r = 0; r < 8; ++r) R[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.data() + r * K + b * QK));
+      for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm256_unpacklo_epi32(R[r], R[r + 1]);
+        t[r + 1] = _mm256_unpackhi_epi32(R[r], R[r + 1]);
+      }
+      for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);      // dwords 0, 4 of rows h..h+3
+        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);  // 1, 5
+        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // 2, 6
+        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // 3, 7
+      }
+      __m256i* out = reinterpret_cast<__m256i*>(wt.data() + b * 64);
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_si256(out + j, _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
+        _mm256_storeu_si256(out + j + 4, _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
+      }
+    }
+  }
+};
+
+// -128 x the sum of each 32-byte block of p (nb blocks) into out[b * stride]; flip = 0x80: of the bytes
+// read as signed (their sign bit flipped makes them unsigned, 32 * 128 more), else as unsigned.
+inline void block_sums_u8(const int8_t* p, int64_t nb, int32_t* out, int64_t stride, int flip) {
+  const __m512i f = _mm512_set1_epi8(static_cast<char>(flip));
+  const int32_t bias = flip ? 32 * 128 : 0;
+  for (int64_t b = 0; b < nb; b += 2) {
+    const __mmask64 mask = nb - b >= 2 ? ~0ULL : 0xFFFFFFFFULL;
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + b * QK), f);
+    alignas(64) int64_t t[8];
+    _mm512_store_si512(t, _mm512_sad_epu8(u, _mm512_setzero_si512()));
+    out[b * stride] = -128 * (static_cast<int32_t>(t[0] + t[1] + t[2] + t[3]) - bias);
+    if (nb - b >= 2) out[(b + 1) * stride] = -128 * (static_cast<int32_t>(t[4] + t[5] + t[6] + t[7]) - bias);
+  }
+}
+
+// Row n of an int4 weight into slot r: nibbles split into natural order (16 bytes of a block: elements
+// 0..15 low, 16..31 high), block sums, scales and mins per block.
+void unpack_q4_row(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n, int r,
+                   GemmRows& g) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+  const uint8_t* w = W + n * (K / 2);
+  int8_t* out = g.w.data() + r * K;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t b = 0; b < nb; b += 4) {
+    const int cnt = static_cast<int>(std::min<int64_t>(4, nb - b));
+    const __m512i v = _mm512_maskz_loadu_epi8(cnt == 4 ? ~0ULL : (1ULL << (cnt * 16)) - 1, w + b * (QK / 2));
+    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m512i o0 = _mm512_permutex2var_epi64(lo, i0, hi), o1 = _mm512_permutex2var_epi64(lo, i1, hi);
+    _mm512_mask_storeu_epi8(out + b * QK, cnt >= 2 ? ~0ULL : 0xFFFFFFFFULL, o0);
+    if (cnt > 2) _mm512_mask_storeu_epi8(out + b * QK + 64, cnt == 4 ? ~0ULL : 0xFFFFFFFFULL, o1);
+  }
+  block_sums_u8(out, nb, g.c.data() + r, GEMM_NR, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    g.sc[b * GEMM_NR + r] = h2f(S[n * ng + b / bpg]);
+    g.mn[b * GEMM_NR + r] = h2f(Z[n * ng + b / bpg]);
+  }
+}
+
+// Row n of an int8 weight into slot r.
+void unpack_q8_row(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n, int r, GemmRows& g) {
+  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+  int8_t* out = g.w.data() + r * K;
+  std::memcpy(out, W + n * K, K);
+  // The sums of the signed values: of the bytes with their sign bit flipped, less 32 * 128.
+  block_sums_u8(out, nb, g.c.data() + r, GEMM_NR, 0x80);
+  for (int64_t b = 0; b < nb; ++b) {
+    g.sc[b * GEMM_NR + r] = h2f(S[n * ng + b / bpg]);
+    g.mn[b * GEMM_NR + r] = 0.0f;
+  }
+}
+
+// An empty slot (the last pass's rows past N): zero weights, sums, scales and mins.
+void clear_row(int64_t K, int r, GemmRows& g) {
+  const int64_t nb = K / QK;
+  std::memset(g.w.data() + r * K, 0, K);
+  for (int64_t b = 0; b < nb; ++b) {
+    g.c[b * GEMM_NR + r] = 0;
+    g.sc[b * GEMM_NR + r] = g.mn[b * GEMM_NR + r] = 0.0f;
+  }
+}
+
+// The GEMM_NR unpacked rows times activation tile t: out[r][lane] = row r's product with row 16t + lane.
+template <bool kMin>
+void gemm_i8_tile(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, float* out) {
+  const int64_t nb = K / QK;
+  const uint32_t* xq = a.q.data() + t * nb * 8 * 16;
+  const float* xd = a.d.data() + t * nb * 16;
+  const float* xs = a.s.data() + t * nb * 16;
+  __m512 f[GEMM_NR];
+  for (int r = 0; r < GEMM_NR; ++r) f[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int32_t* c = g.c.data() + b * GEMM_NR;
+    const float* sc = g.sc.data() + b * GEMM_NR;
+    const float* mn = g.mn.data() + b * GEMM_NR;
+    const uint32_t* w = g.wt.data() + b * 8 * GEMM_NR;
+    __m512i acc[GEMM_NR];
+    for (int r = 0; r < GEMM_NR; ++r) acc[r] = _mm512_set1_epi32(c[r]);
+    for (int j = 0; j < 8; ++j) {
+      const __m512i xv = _mm512_loadu_si512(xq + (b * 8 + j) * 16);
+      for (int r = 0; r < GEMM_NR; ++r)
+        acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_set1_epi32(static_cast<int32_t>(w[j * GEMM_NR + r])));
+    }
+    const __m512 dv = _mm512_loadu_ps(xd + b * 16);
+    for (int r = 0; r < GEMM_NR; ++r)
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(dv, _mm512_set1_ps(sc[r])), f[r]);
+    if (kMin) {
+      const __m512 sv = _mm512_loadu_ps(xs + b * 16);
+      for (int r = 0; r < GEMM_NR; ++r) f[r] = _mm512_fmadd_ps(sv, _mm512_set1_ps(mn[r]), f[r]);
+    }
+  }
+  for (int r = 0; r < GEMM_NR; ++r) _mm512_store_ps(out + r * 16, f[r]);
+}
+
 #endif
 
 // ---- checks and the ops ---------------------------------------------------------------------------
@@ -989,6 +1182,50 @@ bool use_amx(int64_t batch_rows, int64_t M, int64_t N) {
   return batch_rows > 0 && M >= batch_rows && N % 16 == 0 && amx_ready();
 }
 
+#ifdef LLAMARUN_AVX512
+// y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n, r, rows) puts weight row n into slot r.
+template <bool kMin, typename Unpack>
+at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack) {
+  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const int64_t M = K ? x.numel() / K : 0;
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  if (M == 0 || N == 0) return y;
+  thread_local Int8Tiles tls_tiles;
+  Int8Tiles& a = tls_tiles;  // a plain reference: the pool's helpers read the caller's tiles
+  quantize_tiles_i8(xc.data_ptr<float>(), M, K, a);
+  float* Y = y.data_ptr<float>();
+  const int64_t passes = (N + GEMM_NR - 1) / GEMM_NR;
+  // A chunk: enough passes that handing it over is cheap next to its work (~256K multiply-adds).
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, GEMM_NR * M * K));
+  parallel_rows(passes, grain, [&](int64_t p0, int64_t p1) {
+    thread_local GemmRows tls_rows;
+    GemmRows& g = tls_rows;
+    if (static_cast<int64_t>(g.w.size()) < GEMM_NR * K) g.resize(K);
+    alignas(64) float out[GEMM_NR * 16];
+    for (int64_t t0 = 0; t0 < a.tiles; t0 += GEMM_TILES) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * GEMM_NR;
+        const int rows = static_cast<int>(std::min<int64_t>(GEMM_NR, N - n0));
+        for (int r = 0; r < GEMM_NR; ++r) {
+          if (r < rows) unpack(n0 + r, r, g);
+          else clear_row(K, r, g);
+        }
+        g.interleave(K);
+        for (int64_t t = t0; t < std::min(a.tiles, t0 + GEMM_TILES); ++t) {
+          gemm_i8_tile<kMin>(g, K, a, t, out);
+          const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
+          for (int l = 0; l < lanes; ++l) {
+            float* yr = Y + (t * 16 + l) * N + n0;
+            for (int r = 0; r < rows; ++r) yr[r] = out[r * 16 + l];
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif
+
 // The shared body of the linear ops: quantize x's M rows once (quantize(x, M, K, act)), into buffers reused
 // by the calling thread, then call rows(std::integral_constant<int, R>, act, m0, n0, n1, out) for every tile
 // of up to MB activation rows (R = 1..4, a compile-time count) and weight rows [n0, n1).
@@ -1041,6 +1278,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); });
 #endif
 #ifdef LLAMARUN_AVX512
+  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
+    return gemm_i8_op<false>(x, N, K, [&](int64_t n, int r, GemmRows& g) { unpack_q8_row(W, S, K, group_size, n, r, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K,
                                       [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
@@ -1068,6 +1307,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); });
 #endif
 #ifdef LLAMARUN_AVX512
+  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
+    return gemm_i8_op<true>(x, N, K, [&](int64_t n, int r, GemmRows& g) { unpack_q4_row(W, S, Z, K, group_size, n, r, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K / 2,
                                       [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
