@@ -380,3 +380,52 @@ def test_rope_op_matches_model(heads, head_dim):
         torch.ops.llamarun.rope(q, rope[:-1])
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.llamarun.rope(q.double(), rope)
+
+
+@needs_kernels
+@pytest.mark.parametrize("b,s,h,k,d,start,dtype", [
+    (1, 512, 9, 3, 64, 0, torch.float16),  # SmolLM2's prefill
+    (2, 37, 4, 2, 48, 5, torch.float32),   # a chunk after cached tokens, two rows, head_dim not a multiple of 32
+    (1, 1, 2, 1, 8, 3, torch.float32),
+    (3, 70, 6, 6, 128, 20, torch.float16),  # no GQA
+    (1, 33, 3, 1, 16, 0, torch.float32),   # an odd number of query vectors per task
+])
+def test_attn_prefill_matches_causal_sdpa(b, s, h, k, d, start, dtype):
+    """attn_prefill: query i of each head attends to cache positions 0..start+i of its key/value head, as
+    torch's attention with the same mask does (float32 math over a float16 or float32 cache); the cache may
+    hold more rows and positions than the call uses."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(s)
+    t = start + s + 7
+    q = torch.randn(b, s, h, d, generator=g)
+    kc = torch.randn(b + 1, k, t, d, generator=g).to(dtype)
+    vc = torch.randn(b + 1, k, t, d, generator=g).to(dtype)
+    out = torch.ops.llamarun.attn_prefill(q, kc, vc, start)
+    mask = torch.ones(s, start + s, dtype=torch.bool).tril(diagonal=start)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:b, :, : start + s].float(),
+                                         vc[:b, :, : start + s].float(), attn_mask=mask, enable_gqa=True)
+    assert out.shape == (b, s, h * d)
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, s, h * d), rtol=1e-5, atol=1e-5)
+    view = torch.ops.llamarun.attn_prefill(q, kc[:b, :, : start + s], vc[:b, :, : start + s], start)  # strided
+    assert torch.equal(view, out)
+    with pytest.raises(RuntimeError, match="cache shape mismatch"):
+        torch.ops.llamarun.attn_prefill(q, kc[:, :, : start + s - 1], vc[:, :, : start + s - 1], start)
+
+
+def test_import_sets_a_passive_openmp_wait_policy():
+    """Importing llamarun before torch makes torch's idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE),
+    unless the environment says otherwise; imported after torch, it leaves the environment alone."""
+    import os
+
+    code = "import {first}, {second}, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(first: str, second: str, **extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env={**env, **extra},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert policy("llamarun", "torch") == "PASSIVE"
+    assert policy("llamarun", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert policy("torch", "llamarun") == "None"

@@ -1,4 +1,5 @@
-// Fused float32 ops for batch-1 decoding on the CPU: what the model does between its matrix products.
+// Fused float32 ops for decoding (and prefill's attention) on the CPU: what the model does between its
+// matrix products.
 //
 // At batch 1 each of these is a few microseconds of arithmetic, but in eager PyTorch it is a chain of 5-20
 // small ops of 2-10 us each (dispatch, allocation, OpenMP fork/join): for SmolLM2's 30 layers about half
@@ -13,6 +14,8 @@
 //   attn_decode(qkv [B, 1, (H + 2K) D], k_cache, v_cache [Bc, K, T, D], rope [1, D/2, 2], pos, H, K)
 //       -> [B, 1, H D]: rotary embedding of q and k at position `pos`, k and v written into the caches at
 //       `pos`, then each query head attends to cache positions 0..pos of its key/value head (GQA).
+//   attn_prefill(q [B, S, H, D], k_cache, v_cache [Bc, K, T, D], start) -> [B, S, H D]: prefill's causal
+//       attention over the cache (query i sees positions 0..start+i), flash-attention style in the pool.
 //
 // All tensors float32, CPU, contiguous; except attn_decode's caches, which may also be float16 (half the
 // memory and the bytes read per step; the arithmetic stays float32).
@@ -440,6 +443,232 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   return out;
 }
 
+// attn_prefill: causal attention of S new queries over the cache, flash-attention style. A task is one
+// (row b, key/value head g, block of kQB query positions), for all G query heads of the group: G * kQB query
+// vectors share every key and value block read (GQA), converted to float32 once per block (keys transposed,
+// so that 8 consecutive keys' scores are one FMA per dimension). Scores, the online softmax (running max m,
+// sum l, output o rescaled when the max grows) and the weighted values are float32 throughout.
+constexpr int64_t kQB = 32;  // query positions per task
+constexpr int64_t kKB = 32;  // keys per block
+
+#ifdef FUSED_AVX2
+// The block's nk keys (rows of D at k) as float32 columns kt [D][kKB], zeros past nk; its values as float32
+// rows vb [nk][D]. 8 x 8 transposes: 8 keys' 8 dimensions loaded as rows, stored as columns.
+template <typename T>
+void load_block(const T* k, const T* v, int64_t nk, int64_t D, float* kt, float* vb) {
+  for (int64_t t0 = 0; t0 < kKB; t0 += 8)
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = t0 + i < nk ? load8(k + (t0 + i) * D + d0) : _mm256_setzero_ps();
+      const __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+      const __m256 c[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+                           _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+                           _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+                           _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kKB + t0, c[i]);
+    }
+  for (int64_t t = 0; t < nk; ++t)
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vb + t * D + d, load8(v + t * D + d));
+}
+
+// s0[t], s1[t] = q0 . kt[:, t], q1 . kt[:, t] for the block's kKB keys (kt: [D][kKB] floats).
+inline void scores2(const float* q0, const float* q1, const float* kt, int64_t D, float* s0, float* s1) {
+  __m256 a[4], b[4];
+  for (int j = 0; j < 4; ++j) a[j] = b[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 x0 = _mm256_broadcast_ss(q0 + d), x1 = _mm256_broadcast_ss(q1 + d);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 k = _mm256_loadu_ps(kt + d * kKB + 8 * j);
+      a[j] = _mm256_fmadd_ps(x0, k, a[j]);
+      b[j] = _mm256_fmadd_ps(x1, k, b[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(s0 + 8 * j, a[j]);
+    _mm256_storeu_ps(s1 + 8 * j, b[j]);
+  }
+}
+
+// o0[0..8W) = o0 * c0 + sum_t p0[t] v[t], the same for row 1 (v: rows of stride D floats): 2W accumulators.
+template <int W>
+inline void weigh2_cols(const float* p0, const float* p1, const float* v, int64_t n, int64_t D, float c0, float c1,
+                        float* o0, float* o1) {
+  __m256 a[W], b[W];
+  for (int j = 0; j < W; ++j) {
+    a[j] = _mm256_mul_ps(_mm256_loadu_ps(o0 + 8 * j), _mm256_set1_ps(c0));
+    b[j] = _mm256_mul_ps(_mm256_loadu_ps(o1 + 8 * j), _mm256_set1_ps(c1));
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 x0 = _mm256_broadcast_ss(p0 + t), x1 = _mm256_broadcast_ss(p1 + t);
+    for (int j = 0; j < W; ++j) {
+      const __m256 vv = _mm256_loadu_ps(v + t * D + 8 * j);
+      a[j] = _mm256_fmadd_ps(x0, vv, a[j]);
+      b[j] = _mm256_fmadd_ps(x1, vv, b[j]);
+    }
+  }
+  for (int j = 0; j < W; ++j) {
+    _mm256_storeu_ps(o0 + 8 * j, a[j]);
+    _mm256_storeu_ps(o1 + 8 * j, b[j]);
+  }
+}
+
+// o0 = o0 * c0 + sum_t p0[t] v[t], the same for row 1 (v: [n][D] floats), 32 dimensions at a time.
+inline void weigh2(const float* p0, const float* p1, const float* v, int64_t n, int64_t D, float c0, float c1,
+                   float* o0, float* o1) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) weigh2_cols<4>(p0, p1, v + d0, n, D, c0, c1, o0 + d0, o1 + d0);
+  switch ((D - d0) / 8) {
+    case 3: weigh2_cols<3>(p0, p1, v + d0, n, D, c0, c1, o0 + d0, o1 + d0); break;
+    case 2: weigh2_cols<2>(p0, p1, v + d0, n, D, c0, c1, o0 + d0, o1 + d0); break;
+    case 1: weigh2_cols<1>(p0, p1, v + d0, n, D, c0, c1, o0 + d0, o1 + d0); break;
+    default: break;
+  }
+}
+#else
+template <typename T>
+void load_block(const T* k, const T* v, int64_t nk, int64_t D, float* kt, float* vb) {
+  for (int64_t t = 0; t < kKB; ++t)
+    for (int64_t d = 0; d < D; ++d) kt[d * kKB + t] = t < nk ? to_float(k[t * D + d]) : 0.0f;
+  for (int64_t t = 0; t < nk; ++t)
+    for (int64_t d = 0; d < D; ++d) vb[t * D + d] = to_float(v[t * D + d]);
+}
+
+inline void scores2(const float* q0, const float* q1, const float* kt, int64_t D, float* s0, float* s1) {
+  for (int64_t t = 0; t < kKB; ++t) {
+    float a = 0.0f, b = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      a += q0[d] * kt[d * kKB + t];
+      b += q1[d] * kt[d * kKB + t];
+    }
+    s0[t] = a;
+    s1[t] = b;
+  }
+}
+
+inline void weigh2(const float* p0, const float* p1, const float* v, int64_t n, int64_t D, float c0, float c1,
+                   float* o0, float* o1) {
+  for (int64_t d = 0; d < D; ++d) {
+    float a = o0[d] * c0, b = o1[d] * c1;
+    for (int64_t t = 0; t < n; ++t) {
+      a += p0[t] * v[t * D + d];
+      b += p1[t] * v[t * D + d];
+    }
+    o0[d] = a;
+    o1[d] = b;
+  }
+}
+#endif
+
+// One query's online-softmax step over a block: s[0..n) its scores (n >= 1: the keys it may see), m and l its
+// running max and sum; s becomes the weights exp(s - new max), p[n..kKB) zeros. Returns the factor that
+// rescales the output so far.
+inline float softmax_step(float* s, int64_t n, float& m, float& l) {
+  float mx = m;
+  int64_t t = 0;
+#ifdef FUSED_AVX2
+  if (n == kKB) {
+    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8)),
+                                   _mm256_max_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    mx = std::max(mx, _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
+    t = n;
+  }
+#endif
+  for (; t < n; ++t) mx = std::max(mx, s[t]);
+  const float c = std::exp(m - mx);  // m = -inf on the first block: 0
+  std::fill(s + n, s + kKB, 0.0f);
+  l = l * c + exp_shifted(s, n, mx);
+  m = mx;
+  return c;
+}
+
+template <typename T>
+void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64_t B, int64_t S, int64_t H,
+                       int64_t K, int64_t D, int64_t start, int64_t kv_sb, int64_t kv_sh) {
+  const int64_t G = H / K, nq = (S + kQB - 1) / kQB, R = G * kQB;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // The last query blocks see the most keys: hand them out first.
+  parallel_rows(B * K * nq, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> kt(D * kKB), vb(kKB * D), q(R * D), o(R * D), m(R), l(R), s(2 * kKB), spare(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t qb = nq - 1 - i % nq, g = (i / nq) % K, b = i / (nq * K);
+      const int64_t q0 = qb * kQB, rows = std::min(kQB, S - q0), n_rows = G * rows;
+      // Query r = (position q0 + r / G, head g * G + r % G), scaled: consecutive r share a position.
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const float* src = Q + ((b * S + q0 + r / G) * H + g * G + r % G) * D;
+        for (int64_t d = 0; d < D; ++d) q[r * D + d] = src[d] * scale;
+      }
+      std::fill(o.begin(), o.begin() + n_rows * D, 0.0f);
+      std::fill(m.begin(), m.begin() + n_rows, -INFINITY);
+      std::fill(l.begin(), l.begin() + n_rows, 0.0f);
+      const int64_t end = start + q0 + rows;  // keys 0..end-1: what the block's last query sees
+      const T* kc = KC + b * kv_sb + g * kv_sh;
+      const T* vc = VC + b * kv_sb + g * kv_sh;
+      for (int64_t t0 = 0; t0 < end; t0 += kKB) {
+        const int64_t nk = std::min(kKB, end - t0);
+        load_block(kc + t0 * D, vc + t0 * D, nk, D, kt.data(), vb.data());
+        for (int64_t r = 0; r < n_rows; r += 2) {
+          const int64_t r1 = std::min(r + 1, n_rows - 1);  // an odd count: the last row twice, kept once
+          // Query r sees keys up to start + q0 + r / G: n0 of this block's (0 or less: none).
+          const int64_t n0 = std::min(nk, start + q0 + r / G + 1 - t0), n1 = std::min(nk, start + q0 + r1 / G + 1 - t0);
+          if (n1 <= 0) continue;  // r's position <= r1's: neither sees this block
+          scores2(q.data() + r * D, q.data() + r1 * D, kt.data(), D, s.data(), s.data() + kKB);
+          float c0 = 1.0f;
+          if (n0 > 0) c0 = softmax_step(s.data(), n0, m[r], l[r]);
+          else std::fill(s.begin(), s.begin() + kKB, 0.0f);
+          float m1 = m[r1], l1 = l[r1];
+          const float c1 = softmax_step(s.data() + kKB, n1, m1, l1);
+          if (r1 != r) {
+            m[r1] = m1;
+            l[r1] = l1;
+          }
+          weigh2(s.data(), s.data() + kKB, vb.data(), n1, D, c0, c1, o.data() + r * D,
+                 r1 != r ? o.data() + r1 * D : spare.data());
+        }
+      }
+      for (int64_t r = 0; r < n_rows; ++r) {
+        float* dst = O + ((b * S + q0 + r / G) * H + g * G + r % G) * D;
+        const float inv = 1.0f / l[r];
+        for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+      }
+    }
+  });
+}
+
+// attn_prefill(q [B, S, H, D] float32 contiguous (rotated), k_cache, v_cache [Bc, K, T, D] (float32 or
+// float16; any batch/head strides, rows contiguous) holding positions 0..start+S-1, start) -> [B, S, H D]:
+// query i of head h attends to positions 0..start+i of key/value head h / (H / K).
+at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start) {
+  check_f32(q, "q");
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.strides() == v_cache.strides(), "q must be [B, S, H, D], the caches [B, K, T, D] alike");
+  TORCH_CHECK(k_cache.device().is_cpu() && (kv == at::kFloat || kv == at::kHalf) && v_cache.scalar_type() == kv &&
+                  v_cache.device().is_cpu(), "k_cache and v_cache must be CPU tensors, both float32 or both float16");
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), K = k_cache.size(1);
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.size(3) == D,
+              "the caches' rows must be contiguous, of head_dim ", D);
+  TORCH_CHECK(k_cache.size(0) >= B && K > 0 && H % K == 0 && start >= 0 && start + S <= k_cache.size(2),
+              "cache shape mismatch: positions ", start, "..", start + S - 1, " in a cache of ", k_cache.size(2));
+  TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
+  at::Tensor out = at::empty({B, S, H * D}, q.options());
+  if (kv == at::kHalf)
+    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
+                      out.data_ptr<float>(), B, S, H, K, D, start, k_cache.stride(0), k_cache.stride(1));
+  else
+    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                      out.data_ptr<float>(), B, S, H, K, D, start, k_cache.stride(0), k_cache.stride(1));
+  return out;
+}
+
 // rope(x [B, S, h, D], rope [S, D/2, 2]) -> [B, S, h, D] (contiguous): model.apply_rope in float32, each
 // adjacent pair (x0, x1) of a head turned by its position's (cos, sin) into (x0 c - x1 s, x0 s + x1 c).
 // x may be a view (q or k of the fused qkv product): any strides but the last. For prefill, where the
@@ -595,6 +824,7 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("argmax(Tensor x) -> Tensor");
   m.def("top_candidates(Tensor x, int k, float temperature) -> Tensor[]");
+  m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start) -> Tensor");
   m.def("attn_decode(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope, int pos, int n_heads, "
         "int n_kv_heads) -> Tensor");
 }
@@ -607,4 +837,5 @@ TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {
   m.impl("argmax", &llamarun_kernels::argmax);
   m.impl("top_candidates", &llamarun_kernels::top_candidates);
   m.impl("attn_decode", &llamarun_kernels::attn_decode);
+  m.impl("attn_prefill", &llamarun_kernels::attn_prefill);
 }
