@@ -788,106 +788,130 @@ void quantize_tiles_i8(const float* x, int64_t M, int64_t K, Int8Tiles& a) {
   });
 }
 
-// GEMM_NR unpacked weight rows: natural-order int8 values, -128 * each block's sum, block scales and mins.
+// 8 x 8 dwords: out[j] = dword j of r[0..7] (lanes in row order).
+inline void transpose8_epi32(const __m256i r[8], __m256i out[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);          // dwords 0, 4 of rows h..h+3
+    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);      // 1, 5
+    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // 2, 6
+    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // 3, 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+    out[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+  }
+}
+
+// GEMM_NR weight rows in the kernel's layout: for block b, dword j (inputs 4j..4j+3, natural order), the 8
+// rows' 4 bytes side by side (int8 values; int4: 0..15), so that the kernel broadcasts each from one pointer
+// at constant offsets; -128 x each block's sum, block scales and mins, [nb][8] alike.
 struct GemmRows {
-  std::vector<int8_t> w;    // [GEMM_NR][K] as unpacked
-  std::vector<uint32_t> wt; // [nb * 8][GEMM_NR]: dword j of block b of every row side by side (interleave)
-  std::vector<int32_t> c;   // [nb][GEMM_NR]
-  std::vector<float> sc;    // [nb][GEMM_NR]
-  std::vector<float> mn;    // [nb][GEMM_NR] (int4 only)
+  std::vector<uint32_t> wt;  // [nb * 8][GEMM_NR]
+  std::vector<int32_t> c;    // [nb][GEMM_NR]
+  std::vector<float> sc;     // [nb][GEMM_NR]
+  std::vector<float> mn;     // [nb][GEMM_NR] (int4 only)
+  std::vector<uint8_t> zeros;  // a weight row of zeros (K bytes): rows past N read it
+  std::vector<uint16_t> zero_groups;  // and its scales / mins (K / 32 float16 zeros)
   void resize(int64_t K) {
-    w.resize(GEMM_NR * K);
     wt.resize(GEMM_NR * K / 4);
     c.resize(GEMM_NR * K / QK);
     sc.resize(GEMM_NR * K / QK);
     mn.resize(GEMM_NR * K / QK);
-  }
-  // w -> wt, one 8 x 8 dword transpose per block: the kernel then broadcasts the 8 rows' weights from
-  // one pointer at constant offsets (8 row pointers would not fit in registers beside the accumulators).
-  void interleave(int64_t K) {
-    static_assert(GEMM_NR == 8, "the transpose is 8 x 8");
-    for (int64_t b = 0; b < K / QK; ++b) {
-      __m256i R[8], t[8], u[8];
-      for (int r = 0; r < 8; ++r) R[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.data() + r * K + b * QK));
-      for (int r = 0; r < 8; r += 2) {
-        t[r] = _mm256_unpacklo_epi32(R[r], R[r + 1]);
-        t[r + 1] = _mm256_unpackhi_epi32(R[r], R[r + 1]);
-      }
-      for (int h = 0; h < 8; h += 4) {
-        u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);      // dwords 0, 4 of rows h..h+3
-        u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);  // 1, 5
-        u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // 2, 6
-        u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // 3, 7
-      }
-      __m256i* out = reinterpret_cast<__m256i*>(wt.data() + b * 64);
-      for (int j = 0; j < 4; ++j) {
-        _mm256_storeu_si256(out + j, _mm256_permute2x128_si256(u[j], u[j + 4], 0x20));
-        _mm256_storeu_si256(out + j + 4, _mm256_permute2x128_si256(u[j], u[j + 4], 0x31));
-      }
-    }
+    zeros.assign(K, 0);
+    zero_groups.assign(K / QK, 0);
   }
 };
+static_assert(GEMM_NR == 8, "the weight layout transposes 8 rows");
 
-// -128 x the sum of each 32-byte block of p (nb blocks) into out[b * stride]; flip = 0x80: of the bytes
-// read as signed (their sign bit flipped makes them unsigned, 32 * 128 more), else as unsigned.
-inline void block_sums_u8(const int8_t* p, int64_t nb, int32_t* out, int64_t stride, int flip) {
-  const __m512i f = _mm512_set1_epi8(static_cast<char>(flip));
-  const int32_t bias = flip ? 32 * 128 : 0;
-  for (int64_t b = 0; b < nb; b += 2) {
-    const __mmask64 mask = nb - b >= 2 ? ~0ULL : 0xFFFFFFFFULL;
-    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, p + b * QK), f);
-    alignas(64) int64_t t[8];
-    _mm512_store_si512(t, _mm512_sad_epu8(u, _mm512_setzero_si512()));
-    out[b * stride] = -128 * (static_cast<int32_t>(t[0] + t[1] + t[2] + t[3]) - bias);
-    if (nb - b >= 2) out[(b + 1) * stride] = -128 * (static_cast<int32_t>(t[4] + t[5] + t[6] + t[7]) - bias);
-  }
+// c[b][r] = -128 x the sums of the block's 8 dwords of each row: v[j] holds dword j of the 8 rows. Signed
+// weights (int8) go in as vpdpbusd's signed operand against ones, unsigned ones (int4) as the unsigned.
+inline void block_sums8(const __m256i v[8], bool is_signed, int32_t* c) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i s = _mm256_setzero_si256();
+  for (int j = 0; j < 8; ++j) s = is_signed ? _mm256_dpbusd_epi32(s, ones, v[j]) : _mm256_dpbusd_epi32(s, v[j], ones);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s, 7)));
 }
 
-// Row n of an int4 weight into slot r: nibbles split into natural order (16 bytes of a block: elements
-// 0..15 low, 16..31 high), block sums, scales and mins per block.
-void unpack_q4_row(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n, int r,
-                   GemmRows& g) {
-  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
-  const uint8_t* w = W + n * (K / 2);
-  int8_t* out = g.w.data() + r * K;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i i0 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), i1 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-  for (int64_t b = 0; b < nb; b += 4) {
-    const int cnt = static_cast<int>(std::min<int64_t>(4, nb - b));
-    const __m512i v = _mm512_maskz_loadu_epi8(cnt == 4 ? ~0ULL : (1ULL << (cnt * 16)) - 1, w + b * (QK / 2));
-    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const __m512i o0 = _mm512_permutex2var_epi64(lo, i0, hi), o1 = _mm512_permutex2var_epi64(lo, i1, hi);
-    _mm512_mask_storeu_epi8(out + b * QK, cnt >= 2 ? ~0ULL : 0xFFFFFFFFULL, o0);
-    if (cnt > 2) _mm512_mask_storeu_epi8(out + b * QK + 64, cnt == 4 ? ~0ULL : 0xFFFFFFFFULL, o1);
+// out[b][r] = the float16 group values (scales or mins) of rows row[0..7] for each block b: 8 blocks at a
+// time through an 8 x 8 transpose where each block has its own group (G = 32), else one by one.
+void group_values_rows8(const uint16_t* const row[8], int64_t nb, int64_t bpg, float* out) {
+  int64_t b = 0;
+  if (bpg == 1) {
+    for (; b + 8 <= nb; b += 8) {
+      __m256i r[8], t[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + b))));
+      transpose8_epi32(r, t);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (b + j) * 8), t[j]);
+    }
   }
-  block_sums_u8(out, nb, g.c.data() + r, GEMM_NR, 0);
-  for (int64_t b = 0; b < nb; ++b) {
-    g.sc[b * GEMM_NR + r] = h2f(S[n * ng + b / bpg]);
-    g.mn[b * GEMM_NR + r] = h2f(Z[n * ng + b / bpg]);
-  }
+  for (; b < nb; ++b)
+    for (int i = 0; i < 8; ++i) out[b * 8 + i] = h2f(row[i][b / bpg]);
 }
 
-// Row n of an int8 weight into slot r.
-void unpack_q8_row(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n, int r, GemmRows& g) {
-  const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
-  int8_t* out = g.w.data() + r * K;
-  std::memcpy(out, W + n * K, K);
-  // The sums of the signed values: of the bytes with their sign bit flipped, less 32 * 128.
-  block_sums_u8(out, nb, g.c.data() + r, GEMM_NR, 0x80);
-  for (int64_t b = 0; b < nb; ++b) {
-    g.sc[b * GEMM_NR + r] = h2f(S[n * ng + b / bpg]);
-    g.mn[b * GEMM_NR + r] = 0.0f;
+// Rows n0..n0+7 of an int4 weight (rows past N: zeros) into g. A block of a row is 16 bytes, byte i holding
+// elements i (low nibble) and i + 16 (high): the 8 rows' blocks are transposed as 4 dwords each, then dword
+// j's low nibbles are elements 4j..4j+3 of every row, its high nibbles elements 16+4j..16+4j+3.
+void unpack_q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n0,
+                    int64_t N, GemmRows& g) {
+  const int64_t nb = K / QK, ng = K / G;
+  const uint8_t* src[8];
+  const uint16_t *sr[8], *zr[8];
+  for (int r = 0; r < 8; ++r) {
+    const bool in = n0 + r < N;
+    src[r] = in ? W + (n0 + r) * (K / 2) : g.zeros.data();
+    sr[r] = in ? S + (n0 + r) * ng : g.zero_groups.data();
+    zr[r] = in ? Z + (n0 + r) * ng : g.zero_groups.data();
   }
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m128i x[8];
+    for (int r = 0; r < 8; ++r) x[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[r] + b * 16));
+    const __m256i p0 = _mm256_set_m128i(x[4], x[0]), p1 = _mm256_set_m128i(x[5], x[1]);
+    const __m256i p2 = _mm256_set_m128i(x[6], x[2]), p3 = _mm256_set_m128i(x[7], x[3]);
+    const __m256i t0 = _mm256_unpacklo_epi32(p0, p1), t1 = _mm256_unpackhi_epi32(p0, p1);
+    const __m256i t2 = _mm256_unpacklo_epi32(p2, p3), t3 = _mm256_unpackhi_epi32(p2, p3);
+    // Lanes: rows 0-3 | rows 4-7, each lane's dwords in row order.
+    const __m256i d[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    __m256i v[8];
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_and_si256(d[j], low4);
+      v[j + 4] = _mm256_and_si256(_mm256_srli_epi16(d[j], 4), low4);
+    }
+    __m256i* out = reinterpret_cast<__m256i*>(g.wt.data() + b * 64);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(out + j, v[j]);
+    block_sums8(v, false, g.c.data() + b * 8);
+  }
+  group_values_rows8(sr, nb, G / QK, g.sc.data());
+  group_values_rows8(zr, nb, G / QK, g.mn.data());
 }
 
-// An empty slot (the last pass's rows past N): zero weights, sums, scales and mins.
-void clear_row(int64_t K, int r, GemmRows& g) {
-  const int64_t nb = K / QK;
-  std::memset(g.w.data() + r * K, 0, K);
-  for (int64_t b = 0; b < nb; ++b) {
-    g.c[b * GEMM_NR + r] = 0;
-    g.sc[b * GEMM_NR + r] = g.mn[b * GEMM_NR + r] = 0.0f;
+// Rows n0..n0+7 of an int8 weight (rows past N: zeros) into g: 8 x 8 dword transposes of the rows' blocks.
+void unpack_q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n0, int64_t N, GemmRows& g) {
+  const int64_t nb = K / QK, ng = K / G;
+  const int8_t* src[8];
+  const uint16_t* sr[8];
+  for (int r = 0; r < 8; ++r) {
+    const bool in = n0 + r < N;
+    src[r] = in ? W + (n0 + r) * K : reinterpret_cast<const int8_t*>(g.zeros.data());
+    sr[r] = in ? S + (n0 + r) * ng : g.zero_groups.data();
   }
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i x[8], v[8];
+    for (int r = 0; r < 8; ++r) x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + b * QK));
+    transpose8_epi32(x, v);
+    __m256i* out = reinterpret_cast<__m256i*>(g.wt.data() + b * 64);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_si256(out + j, v[j]);
+    block_sums8(v, true, g.c.data() + b * 8);
+  }
+  group_values_rows8(sr, nb, G / QK, g.sc.data());
+  std::fill(g.mn.begin(), g.mn.begin() + nb * 8, 0.0f);
 }
 
 // The GEMM_NR unpacked rows times activation tile t: out[r][lane] = row r's product with row 16t + lane.
@@ -1183,7 +1207,7 @@ bool use_amx(int64_t batch_rows, int64_t M, int64_t N) {
 }
 
 #ifdef LLAMARUN_AVX512
-// y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n, r, rows) puts weight row n into slot r.
+// y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n0, rows) puts weight rows n0..n0+7 into rows.
 template <bool kMin, typename Unpack>
 at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack) {
   const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
@@ -1200,17 +1224,13 @@ at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack
   parallel_rows(passes, grain, [&](int64_t p0, int64_t p1) {
     thread_local GemmRows tls_rows;
     GemmRows& g = tls_rows;
-    if (static_cast<int64_t>(g.w.size()) < GEMM_NR * K) g.resize(K);
+    if (static_cast<int64_t>(g.zeros.size()) < K) g.resize(K);
     alignas(64) float out[GEMM_NR * 16];
     for (int64_t t0 = 0; t0 < a.tiles; t0 += GEMM_TILES) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * GEMM_NR;
         const int rows = static_cast<int>(std::min<int64_t>(GEMM_NR, N - n0));
-        for (int r = 0; r < GEMM_NR; ++r) {
-          if (r < rows) unpack(n0 + r, r, g);
-          else clear_row(K, r, g);
-        }
-        g.interleave(K);
+        unpack(n0, g);
         for (int64_t t = t0; t < std::min(a.tiles, t0 + GEMM_TILES); ++t) {
           gemm_i8_tile<kMin>(g, K, a, t, out);
           const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
@@ -1279,7 +1299,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 #endif
 #ifdef LLAMARUN_AVX512
   if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
-    return gemm_i8_op<false>(x, N, K, [&](int64_t n, int r, GemmRows& g) { unpack_q8_row(W, S, K, group_size, n, r, g); });
+    return gemm_i8_op<false>(x, N, K, [&](int64_t n0, GemmRows& g) { unpack_q8_rows(W, S, K, group_size, n0, N, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K,
                                       [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
@@ -1308,7 +1328,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 #endif
 #ifdef LLAMARUN_AVX512
   if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
-    return gemm_i8_op<true>(x, N, K, [&](int64_t n, int r, GemmRows& g) { unpack_q4_row(W, S, Z, K, group_size, n, r, g); });
+    return gemm_i8_op<true>(x, N, K, [&](int64_t n0, GemmRows& g) { unpack_q4_rows(W, S, Z, K, group_size, n0, N, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K / 2,
                                       [](const float* x, int64_t M, int64_t K, Int8Activations& a) {
