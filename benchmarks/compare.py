@@ -50,7 +50,6 @@ import argparse
 import hashlib
 import json
 import os
-
 import platform
 import random
 import resource
@@ -60,8 +59,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # as the shell had it: importing llamarun sets it
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -111,15 +108,15 @@ class LlamarunEngine:
     max_batch = None
 
     def __init__(self, spec: dict) -> None:
-        import llamarun  # first, as the command line does: it sets torch's OpenMP wait policy (see its __init__)
         import torch
 
         torch.set_num_threads(spec["threads"])
+        from llamarun import Llama
         from llamarun.sampling import SamplingParams
 
         self.import_done = time.perf_counter()
         quantize, dtype = ("none", "bfloat16") if spec["mode"] == "bf16" else (spec["mode"], "auto")
-        self.llm = llamarun.Llama.load(spec["model"], device="cpu", dtype=dtype, quantize=quantize, threads=spec["threads"],
+        self.llm = Llama.load(spec["model"], device="cpu", dtype=dtype, quantize=quantize, threads=spec["threads"],
                               max_batch_size=max(spec["batch"]))
         self.greedy = SamplingParams(temperature=0.0)
         self.vocab = self.llm.args.vocab_size
@@ -526,9 +523,6 @@ def _run_column(col: dict, args: argparse.Namespace, extra_bufts: bool = True) -
                    PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env.pop("OMP_WAIT_POLICY", None)  # as the user's shell had it: llamarun's worker sets its own
-        if USER_OMP_WAIT_POLICY is not None:
-            env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
         t = time.perf_counter()
         data = run_subprocess([sys.executable, str(Path(__file__).resolve()), "--worker", spec_path],
                               spec["out"], args.timeout, env)

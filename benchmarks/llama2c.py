@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
 import platform
 import re
 import statistics
@@ -52,8 +51,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")  # as the shell had it: importing llamarun sets it
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "data" / "llama2-tokenizer" / "tokenizer.bin"
@@ -150,14 +147,7 @@ def load_tokenizer(path: Path, vocab_size: int):
 
 
 def thread_env(threads: int) -> dict[str, str]:
-    """The engines' environment: the thread count, and OpenMP's wait policy as the user's shell had it
-    (importing llamarun here sets it to PASSIVE for this process, which run.c's OpenMP must not inherit;
-    llamarun's own process sets it again)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.pop("OMP_WAIT_POLICY", None)
-    if USER_OMP_WAIT_POLICY is not None:
-        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
-    return env
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
 def check_binary(path: str | None, flag: str, source: str) -> Path | None:

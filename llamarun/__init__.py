@@ -10,18 +10,8 @@ Names are imported lazily, so ``import llamarun.model`` needs nothing but torch.
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 
 __version__ = "0.1.0"
-
-# Before torch's OpenMP runtime starts (libgomp reads this once, when torch is first imported): its idle
-# threads then sleep at once instead of spinning for a while after each parallel region. llamarun's heavy
-# work runs in its kernels' own thread pool, and OpenMP threads left spinning by torch's small ops in between
-# (adds, copies) took the cores from it: 512-token prefill 720-810 -> 1150-1240 tok/s on a 2-core Zen 4,
-# decode unchanged. A value set in the environment wins; with torch imported first, nothing changes.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "Llama": "generation", "TokenResult": "generation", "ModelArgs": "config", "SamplingParams": "sampling",

@@ -507,3 +507,31 @@ def test_api_misuse_is_a_usage_error():
     want = llm.generate([[1, 2]], 2, temperature=0)
     assert llm.generate([np.array([1, 2])], 2, temperature=0) == want
     assert llm.generate(torch.tensor([[1, 2]]), 2, temperature=0) == want
+
+
+@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs AVX-512 VNNI")
+def test_prefill_in_the_kernels_runs_torch_on_one_thread():
+    """Where a prefill's products and attention all run in the kernels' pool (int8 batch products, the
+    kernels' attention), torch runs on one thread meanwhile (its OpenMP workers would spin and take the
+    cores from the pool) while the pool keeps torch's count; both are restored afterwards, and a count set
+    for the kernels themselves is kept. Decode steps and models without int8 batches are left alone."""
+    from llamarun import kernels
+
+    llm = Llama.load(None)
+    if llm.batch_product != "int8":
+        pytest.skip("this CPU takes batches to the bf16 tiles")
+    assert llm._prefill_in_kernels() and not Llama.load(None, dtype="float32")._prefill_in_kernels()
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    hook = llm.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    try:
+        prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+        llm.generate([prompt], 3, temperature=0)
+        assert seen == [1, 2, 2] and torch.get_num_threads() == 2  # the prefill, then two decode steps
+        assert kernels.set_num_threads(3) == 0
+        llm.generate([prompt], 1, temperature=0)
+        assert kernels.set_num_threads(None) == 3
+    finally:
+        hook.remove()
+        torch.set_num_threads(n)

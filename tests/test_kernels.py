@@ -412,20 +412,3 @@ def test_attn_prefill_matches_causal_sdpa(b, s, h, k, d, start, dtype):
     with pytest.raises(RuntimeError, match="cache shape mismatch"):
         torch.ops.llamarun.attn_prefill(q, kc[:, :, : start + s - 1], vc[:, :, : start + s - 1], start)
 
-
-def test_import_sets_a_passive_openmp_wait_policy():
-    """Importing llamarun before torch makes torch's idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE),
-    unless the environment says otherwise; imported after torch, it leaves the environment alone."""
-    import os
-
-    code = "import {first}, {second}, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-
-    def policy(first: str, second: str, **extra: str) -> str:
-        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env={**env, **extra},
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-
-    assert policy("llamarun", "torch") == "PASSIVE"
-    assert policy("llamarun", "torch", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert policy("torch", "llamarun") == "None"

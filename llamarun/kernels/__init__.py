@@ -219,10 +219,12 @@ def int8_batches() -> bool:
     return available() and torch.ops.llamarun.simd_level() >= 3
 
 
-def set_num_threads(n: int | None) -> None:
-    """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``)."""
+def set_num_threads(n: int | None) -> int:
+    """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``). Returns
+    the previous setting (0: torch's)."""
     if available():
-        torch.ops.llamarun.set_num_threads(int(n or 0))
+        return int(torch.ops.llamarun.set_num_threads(int(n or 0)))
+    return 0
 
 
 def set_spin_us(us: int) -> int:
