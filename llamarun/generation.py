@@ -652,7 +652,7 @@ class Llama:
             if logprobs:
                 self._score(run, logits, prev, cur)
             return logits[:, -1]
-        pool = self._prefill_in_kernels() and cur - prev > 1
+        pool = cur - prev > 1 and self._prefill_in_kernels()
         with _one_cpu_thread(run.tokens, keep_kernels=True) if pool else contextlib.nullcontext():
             for a in range(prev, cur, PREFILL_CHUNK):
                 b = min(cur, a + PREFILL_CHUNK)

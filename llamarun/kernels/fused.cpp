@@ -449,7 +449,11 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
 // so that 8 consecutive keys' scores are one FMA per dimension). Scores, the online softmax (running max m,
 // sum l, output o rescaled when the max grows) and the weighted values are float32 throughout.
 constexpr int64_t kQB = 32;  // query positions per task
-constexpr int64_t kKB = 32;  // keys per block
+#if defined(__AVX512F__)
+constexpr int64_t kKB = 64;  // keys per block: 4 registers of scores per query row
+#else
+constexpr int64_t kKB = 32;  // keys per block: 4 registers of scores per query row
+#endif
 
 #ifdef FUSED_AVX2
 // The block's nk keys (rows of D at k) as float32 columns kt [D][kKB], zeros past nk; its values as float32
@@ -566,6 +570,75 @@ inline void weigh2(const float* p0, const float* p1, const float* v, int64_t n, 
 }
 #endif
 
+// Query rows handled together: their scores share each key load, their weighted sums each value load.
+#if defined(FUSED_AVX2) && defined(__AVX512F__)
+constexpr int kRB = 4;
+
+// s[i][t] = q[i] . kt[:, t] for the 4 rows and the block's kKB keys: 16 accumulators of 16 keys.
+inline void scores_rows(const float* const q[kRB], const float* kt, int64_t D, float* s) {
+  constexpr int KV = kKB / 16;
+  __m512 a[kRB][KV];
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < KV; ++j) a[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 k[KV];
+    for (int j = 0; j < KV; ++j) k[j] = _mm512_loadu_ps(kt + d * kKB + 16 * j);
+    for (int i = 0; i < kRB; ++i) {
+      const __m512 x = _mm512_set1_ps(q[i][d]);
+      for (int j = 0; j < KV; ++j) a[i][j] = _mm512_fmadd_ps(x, k[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < KV; ++j) _mm512_storeu_ps(s + i * kKB + 16 * j, a[i][j]);
+}
+
+// o[i][0..16W) = o[i] * c[i] + sum_t p[i][t] v[t] (v: rows of stride D): 4W accumulators.
+template <int W>
+inline void weigh_cols(const float* p, const float* v, int64_t n, int64_t D, const float c[kRB], float* const o[kRB],
+                       int64_t d0) {
+  __m512 a[kRB][W];
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < W; ++j) a[i][j] = _mm512_mul_ps(_mm512_loadu_ps(o[i] + d0 + 16 * j), _mm512_set1_ps(c[i]));
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vv[W];
+    for (int j = 0; j < W; ++j) vv[j] = _mm512_loadu_ps(v + t * D + d0 + 16 * j);
+    for (int i = 0; i < kRB; ++i) {
+      const __m512 x = _mm512_set1_ps(p[i * kKB + t]);
+      for (int j = 0; j < W; ++j) a[i][j] = _mm512_fmadd_ps(x, vv[j], a[i][j]);
+    }
+  }
+  for (int i = 0; i < kRB; ++i)
+    for (int j = 0; j < W; ++j) _mm512_storeu_ps(o[i] + d0 + 16 * j, a[i][j]);
+}
+
+// o[i] = o[i] * c[i] + sum_t p[i][t] v[t] for the 4 rows (v: [n][D] floats), 64 dimensions at a time.
+inline void weigh_rows(const float* p, const float* v, int64_t n, int64_t D, const float c[kRB], float* const o[kRB]) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weigh_cols<4>(p, v, n, D, c, o, d0);
+  switch ((D - d0) / 16) {
+    case 3: weigh_cols<3>(p, v, n, D, c, o, d0); break;
+    case 2: weigh_cols<2>(p, v, n, D, c, o, d0); break;
+    case 1: weigh_cols<1>(p, v, n, D, c, o, d0); break;
+    default: break;
+  }
+  d0 += (D - d0) / 16 * 16;
+  if (d0 < D)  // 8 dimensions left (D % 8 == 0): the 2-row version, twice
+    for (int i = 0; i < kRB; i += 2)
+      weigh2_cols<1>(p + i * kKB, p + (i + 1) * kKB, v + d0, n, D, c[i], c[i + 1], o[i] + d0, o[i + 1] + d0);
+}
+#else
+constexpr int kRB = 2;
+
+inline void scores_rows(const float* const q[kRB], const float* kt, int64_t D, float* s) {
+  static_assert(kKB == 32, "scores2 covers 32 keys");
+  scores2(q[0], q[1], kt, D, s, s + kKB);
+}
+
+inline void weigh_rows(const float* p, const float* v, int64_t n, int64_t D, const float c[kRB], float* const o[kRB]) {
+  weigh2(p, p + kKB, v, n, D, c[0], c[1], o[0], o[1]);
+}
+#endif
+
 // One query's online-softmax step over a block: s[0..n) its scores (n >= 1: the keys it may see), m and l its
 // running max and sum; s becomes the weights exp(s - new max), p[n..kKB) zeros. Returns the factor that
 // rescales the output so far.
@@ -574,8 +647,8 @@ inline float softmax_step(float* s, int64_t n, float& m, float& l) {
   int64_t t = 0;
 #ifdef FUSED_AVX2
   if (n == kKB) {
-    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8)),
-                                   _mm256_max_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24)));
+    __m256 a = _mm256_loadu_ps(s);
+    for (int64_t j = 8; j < kKB; j += 8) a = _mm256_max_ps(a, _mm256_loadu_ps(s + j));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     mx = std::max(mx, _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h))));
@@ -597,7 +670,7 @@ void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The last query blocks see the most keys: hand them out first.
   parallel_rows(B * K * nq, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> kt(D * kKB), vb(kKB * D), q(R * D), o(R * D), m(R), l(R), s(2 * kKB), spare(D);
+    std::vector<float> kt(D * kKB), vb(kKB * D), q(R * D), o(R * D), m(R), l(R), s(kRB * kKB), spare(kRB * D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t qb = nq - 1 - i % nq, g = (i / nq) % K, b = i / (nq * K);
       const int64_t q0 = qb * kQB, rows = std::min(kQB, S - q0), n_rows = G * rows;
@@ -615,23 +688,32 @@ void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64
       for (int64_t t0 = 0; t0 < end; t0 += kKB) {
         const int64_t nk = std::min(kKB, end - t0);
         load_block(kc + t0 * D, vc + t0 * D, nk, D, kt.data(), vb.data());
-        for (int64_t r = 0; r < n_rows; r += 2) {
-          const int64_t r1 = std::min(r + 1, n_rows - 1);  // an odd count: the last row twice, kept once
-          // Query r sees keys up to start + q0 + r / G: n0 of this block's (0 or less: none).
-          const int64_t n0 = std::min(nk, start + q0 + r / G + 1 - t0), n1 = std::min(nk, start + q0 + r1 / G + 1 - t0);
-          if (n1 <= 0) continue;  // r's position <= r1's: neither sees this block
-          scores2(q.data() + r * D, q.data() + r1 * D, kt.data(), D, s.data(), s.data() + kKB);
-          float c0 = 1.0f;
-          if (n0 > 0) c0 = softmax_step(s.data(), n0, m[r], l[r]);
-          else std::fill(s.begin(), s.begin() + kKB, 0.0f);
-          float m1 = m[r1], l1 = l[r1];
-          const float c1 = softmax_step(s.data() + kKB, n1, m1, l1);
-          if (r1 != r) {
-            m[r1] = m1;
-            l[r1] = l1;
+        for (int64_t r = 0; r < n_rows; r += kRB) {
+          // Rows r..r+kRB-1 (past the last: the last again, its results going to spare); query r sees keys up
+          // to start + q0 + r / G: n[i] of this block's (0 or less: none). Positions grow with r.
+          int64_t n[kRB];
+          const float* qp[kRB];
+          float* op[kRB];
+          float c[kRB];
+          for (int j = 0; j < kRB; ++j) {
+            const int64_t rj = std::min<int64_t>(r + j, n_rows - 1);
+            n[j] = r + j < n_rows ? std::min(nk, start + q0 + rj / G + 1 - t0) : 0;
+            qp[j] = q.data() + rj * D;
+            op[j] = r + j < n_rows ? o.data() + rj * D : spare.data() + j * D;
           }
-          weigh2(s.data(), s.data() + kKB, vb.data(), n1, D, c0, c1, o.data() + r * D,
-                 r1 != r ? o.data() + r1 * D : spare.data());
+          const int64_t most = *std::max_element(n, n + kRB);
+          if (most <= 0) continue;
+          scores_rows(qp, kt.data(), D, s.data());
+          for (int j = 0; j < kRB; ++j) {
+            float* sj = s.data() + j * kKB;
+            if (n[j] > 0) {
+              c[j] = softmax_step(sj, n[j], m[r + j], l[r + j]);
+            } else {
+              std::fill(sj, sj + kKB, 0.0f);
+              c[j] = 1.0f;
+            }
+          }
+          weigh_rows(s.data(), vb.data(), most, D, c, op);
         }
       }
       for (int64_t r = 0; r < n_rows; ++r) {

@@ -737,9 +737,9 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
 // byte is then loaded once per 16 rows, not once per row, and no lane needs summing at the end; the
 // conversion, scale and min FMAs come once per 32-block and 16 products. The inputs are rounded exactly
 // as for q4_rows_i8 (so results match it to float rounding); the +128 comes off by starting each block's
-// sum at -128 * sum(q_w). Weight rows are unpacked GEMM_NR at a time into natural-order int8 rows (int4:
-// their nibbles split; int8: copied) with per-block float scales and mins, and reused for every 16-row
-// tile of activations (prefill's 512 rows: 32 tiles).
+// sum at -128 * sum(q_w). Weight rows are unpacked GEMM_NR at a time straight into the kernel's layout
+// (GemmRows: int4 nibbles split, block sums, float scales and mins) and reused for every 16-row tile of
+// activations (prefill's 512 rows: 32 tiles; at 16 rows the unpacking is about a third of the work).
 constexpr int64_t GEMM_MIN_ROWS = 16;
 constexpr int GEMM_NR = 8;           // weight rows per pass (8 int32 + 8 float accumulators)
 constexpr int64_t GEMM_TILES = 8;    // activation tiles (of 16 rows) per pass over a weight row: 128 rows
@@ -1282,8 +1282,8 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
 
 // The two linear ops (declared in kernels.h: layers.cpp calls them directly). Products of at least
 // batch_rows activation rows (0 = never) run as bf16 tile products where the CPU has AMX and N is a multiple
-// of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8); anything else, and
-// every product on other CPUs, with int16 activations.
+// of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8; from GEMM_MIN_ROWS rows
+// the int8 GEMM); anything else, and every product on other CPUs, with int16 activations.
 namespace llamarun_kernels {
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
