@@ -52,22 +52,19 @@ def _own_prefill_attention(attn: Attention) -> bool:
 class FastAttention(Attention):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         cache = self.cache
-        if x.shape[1] == 1 and cache is not None and isinstance(start_pos, int) and _cpu_f32(x) and _kv_ok(cache):
-            # qkv [B, 1, (H + 2K) D] -> rotary, cache write at start_pos, attention over 0..start_pos: one op.
-            out = torch.ops.llamarun.attn_decode(self.wqkv(x).contiguous(), cache.k, cache.v, rope, start_pos,
-                                                 self.n_heads, self.n_kv_heads)
-            return self.wo(out)
-        if x.shape[1] > 1 and cache is not None and isinstance(start_pos, int) and _cpu_f32(x) and _kv_ok(cache) \
-                and self.head_dim % 8 == 0 and _own_prefill_attention(self):
-            # Prefill: rotary (one op each for q and k), the cache write, then causal attention over the cache in
-            # the kernels' own pool (torch's CPU flash attention is an OpenMP region, whose spinning threads then
-            # compete with the pool's for the cores in the matrix products around it).
-            b, s, _ = x.shape
-            q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self._rope(q.view(b, s, self.n_heads, self.head_dim), rope)
-            k = self._rope(k.view(b, s, self.n_kv_heads, self.head_dim), rope)
-            cache.update(start_pos, k.transpose(1, 2), v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2))
-            return self.wo(torch.ops.llamarun.attn_prefill(q, cache.k, cache.v, start_pos))
+        if cache is not None and isinstance(start_pos, int) and _cpu_f32(x) and _kv_ok(cache):
+            if x.shape[1] == 1:
+                # qkv [B, 1, (H + 2K) D] -> rotary, cache write at start_pos, attention over 0..start_pos: one op.
+                out = torch.ops.llamarun.attn_decode(self.wqkv(x).contiguous(), cache.k, cache.v, rope, start_pos,
+                                                     self.n_heads, self.n_kv_heads)
+                return self.wo(out)
+            if self.head_dim % 8 == 0 and _own_prefill_attention(self):
+                # Prefill: the cache write, then causal attention over the cache in the kernels' own pool
+                # (torch's CPU flash attention is an OpenMP region, whose spinning threads then compete with
+                # the pool's for the cores in the matrix products around it).
+                q, k, v = self.project(x, rope)
+                cache.update(start_pos, k.transpose(1, 2), v.transpose(1, 2))
+                return self.wo(torch.ops.llamarun.attn_prefill(q, cache.k, cache.v, start_pos))
         return super().forward(x, rope, start_pos)
 
     def _rope(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -118,14 +118,18 @@ class Attention(nn.Module):
     def _rope(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, rope)  # a method: the CPU fast path swaps in its fused op
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
-        """x [B, S, dim] at positions start_pos.. (an int, or a tensor of the S positions) -> [B, S, dim]."""
+    def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, dim] -> q [B, S, n_heads, D], k and v [B, S, n_kv_heads, D]; q and k rotated."""
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self._rope(q.view(b, s, self.n_heads, self.head_dim), rope)
         k = self._rope(k.view(b, s, self.n_kv_heads, self.head_dim), rope)
-        v = v.view(b, s, self.n_kv_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, D]
+        return q, k, v.view(b, s, self.n_kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim] at positions start_pos.. (an int, or a tensor of the S positions) -> [B, S, dim]."""
+        b, s, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, rope))  # [B, heads, S, D]
         if s > 1 and self.prefill_dtype is not None:
             q = q.to(self.prefill_dtype)  # k and v follow q below, after the cache has stored them as they are
         if self.cache is not None:

@@ -462,21 +462,11 @@ template <typename T>
 void load_block(const T* k, const T* v, int64_t nk, int64_t D, float* kt, float* vb) {
   for (int64_t t0 = 0; t0 < kKB; t0 += 8)
     for (int64_t d0 = 0; d0 < D; d0 += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = t0 + i < nk ? load8(k + (t0 + i) * D + d0) : _mm256_setzero_ps();
-      const __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
-      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
-      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
-      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
-      const __m256 c[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
-                           _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
-                           _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
-                           _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kKB + t0, c[i]);
+      __m256i r[8], c[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_castps_si256(t0 + i < nk ? load8(k + (t0 + i) * D + d0) : _mm256_setzero_ps());
+      llamarun_kernels::transpose8_epi32(r, c);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kKB + t0, _mm256_castsi256_ps(c[i]));
     }
   for (int64_t t = 0; t < nk; ++t)
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vb + t * D + d, load8(v + t * D + d));

@@ -1,5 +1,5 @@
-// What the library's source files share: the thread pool (defined in qlinear.cpp) and the ops that
-// layers.cpp chains into a whole decode step (defined in qlinear.cpp and fused.cpp).
+// What the library's source files share: the thread pool (defined in qlinear.cpp), an 8 x 8 transpose, and
+// the ops that layers.cpp chains into a whole decode step (defined in qlinear.cpp and fused.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,7 +7,32 @@
 #include <cstdint>
 #include <functional>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace llamarun_kernels {
+
+#if defined(__AVX2__)
+// 8 x 8 dwords (or floats, cast): out[j] = dword j of r[0..7], lanes in row order.
+inline void transpose8_epi32(const __m256i r[8], __m256i out[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {
+    u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);          // dwords 0, 4 of rows h..h+3
+    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);      // 1, 5
+    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // 2, 6
+    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // 3, 7
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
+    out[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
+  }
+}
+#endif
 
 // Run body(begin, end) over [0, n) in chunks of at least `grain` items, on the calling thread and the
 // pool's helpers (at most llamarun.set_num_threads / torch.set_num_threads threads in all).

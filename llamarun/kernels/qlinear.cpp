@@ -598,6 +598,24 @@ struct Int8Rows {
   }
 };
 
+// One 32-block of x rounded to int8: lo = elements 0..15, hi = 16..31 as bytes; d its scale (amax / 127) and
+// s = d * the sum of the rounded inputs. The row kernels and the GEMM both round through here, so that their
+// results agree (the tests compare them).
+inline void quantize_block_i8(const float* x, __m128i& lo, __m128i& hi, float& d, float& s) {
+  const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  // cvtps_epi32 rounds to nearest even (MXCSR default), as the int16 quantizer's round does.
+  const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
+  lo = _mm512_cvtsepi32_epi8(i0);
+  hi = _mm512_cvtsepi32_epi8(i1);
+  d = amax / 127.0f;
+  // The sum of the rounded inputs, not the exact one: the min term then pairs with the same x as the q term,
+  // and w = q * scale + min sees the rounding of x as a whole (centred) weight does. With the exact sum,
+  // min * sum(rounding errors) stays in: relative error 1.3e-2 instead of 5e-3 on a product.
+  s = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+}
+
 // nibble_order: the layout above (int4 weights); else each block's 32 inputs in order (int8 weights).
 void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activations& a, bool nibble_order) {
   const int64_t nb = K / QK, hi_at = nibble_order ? 64 : 16;  // elements 16..31, relative to 0..15
@@ -620,18 +638,10 @@ void quantize_activations_i8(const float* x, int64_t M, int64_t K, Int8Activatio
           d[b] = s[b] = 0.0f;
           continue;
         }
-        const __m512 v0 = _mm512_loadu_ps(x + m * K + b * QK), v1 = _mm512_loadu_ps(x + m * K + b * QK + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-        // cvtps_epi32 rounds to nearest even (MXCSR default), as the int16 quantizer's round does.
-        const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(i0));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + hi_at), _mm512_cvtsepi32_epi8(i1));
-        d[b] = amax / 127.0f;
-        // The sum of the rounded inputs, not the exact one: the min term then pairs with the same x as the
-        // q term, and w = q * scale + min sees the rounding of x as a whole (centred) weight does. With the
-        // exact sum, min * sum(rounding errors) stays in: relative error 1.3e-2 instead of 5e-3 on a product.
-        s[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+        __m128i q0, q1;
+        quantize_block_i8(x + m * K + b * QK, q0, q1, d[b], s[b]);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), q0);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + hi_at), q1);
       }
     }
   };
@@ -773,38 +783,15 @@ void quantize_tiles_i8(const float* x, int64_t M, int64_t K, Int8Tiles& a) {
           std::fill(w, w + 8, 0x80808080u);
           d[b * 16] = s[b * 16] = 0.0f;
         } else {
-          const __m512 v0 = _mm512_loadu_ps(x + m * K + b * QK), v1 = _mm512_loadu_ps(x + m * K + b * QK + 16);
-          const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-          const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-          const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
-          _mm_store_si128(reinterpret_cast<__m128i*>(w), _mm_xor_si128(_mm512_cvtsepi32_epi8(i0), bias));
-          _mm_store_si128(reinterpret_cast<__m128i*>(w + 4), _mm_xor_si128(_mm512_cvtsepi32_epi8(i1), bias));
-          d[b * 16] = amax / 127.0f;
-          s[b * 16] = d[b * 16] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+          __m128i q0, q1;
+          quantize_block_i8(x + m * K + b * QK, q0, q1, d[b * 16], s[b * 16]);
+          _mm_store_si128(reinterpret_cast<__m128i*>(w), _mm_xor_si128(q0, bias));
+          _mm_store_si128(reinterpret_cast<__m128i*>(w + 4), _mm_xor_si128(q1, bias));
         }
         for (int j = 0; j < 8; ++j) q[(b * 8 + j) * 16] = w[j];
       }
     }
   });
-}
-
-// 8 x 8 dwords: out[j] = dword j of r[0..7] (lanes in row order).
-inline void transpose8_epi32(const __m256i r[8], __m256i out[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int h = 0; h < 8; h += 4) {
-    u[h] = _mm256_unpacklo_epi64(t[h], t[h + 2]);          // dwords 0, 4 of rows h..h+3
-    u[h + 1] = _mm256_unpackhi_epi64(t[h], t[h + 2]);      // 1, 5
-    u[h + 2] = _mm256_unpacklo_epi64(t[h + 1], t[h + 3]);  // 2, 6
-    u[h + 3] = _mm256_unpackhi_epi64(t[h + 1], t[h + 3]);  // 3, 7
-  }
-  for (int j = 0; j < 4; ++j) {
-    out[j] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x20);
-    out[j + 4] = _mm256_permute2x128_si256(u[j], u[j + 4], 0x31);
-  }
 }
 
 // GEMM_NR weight rows in the kernel's layout: for block b, dword j (inputs 4j..4j+3, natural order), the 8
@@ -846,7 +833,7 @@ void group_values_rows8(const uint16_t* const row[8], int64_t nb, int64_t bpg, f
       __m256i r[8], t[8];
       for (int i = 0; i < 8; ++i)
         r[i] = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + b))));
-      transpose8_epi32(r, t);
+      llamarun_kernels::transpose8_epi32(r, t);
       for (int j = 0; j < 8; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (b + j) * 8), t[j]);
     }
   }
@@ -905,7 +892,7 @@ void unpack_q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, in
   for (int64_t b = 0; b < nb; ++b) {
     __m256i x[8], v[8];
     for (int r = 0; r < 8; ++r) x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + b * QK));
-    transpose8_epi32(x, v);
+    llamarun_kernels::transpose8_epi32(x, v);
     __m256i* out = reinterpret_cast<__m256i*>(g.wt.data() + b * 64);
     for (int j = 0; j < 8; ++j) _mm256_storeu_si256(out + j, v[j]);
     block_sums8(v, true, g.c.data() + b * 8);
