@@ -6,8 +6,9 @@
     python benchmarks/compare.py -m model.gguf --engines llamarun,hf --modes auto int8 --hf-dtypes fp32
     python benchmarks/compare.py --engines llamarun llama.cpp --modes auto --context 1000 4000   # long contexts
 
-Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = float32; ``bf16`` = unquantized
-bfloat16 weights and activations; ``int8``/``int4`` force a quantization), HF transformers
+Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = unquantized: float32,
+or bf16 weights under float32 activations on a CPU with native bf16; ``bf16`` = unquantized bfloat16
+weights and activations; ``int8``/``int4`` force a quantization), HF transformers
 in each ``--hf-dtypes`` (the same GGUF through ``from_pretrained(gguf_file=...)``, which dequantizes it;
 default fp32 and bf16, but fp32 only on CPUs without native bf16, where emulated bf16 is 2-4x slower
 than fp32 and would take ~40% of the run; ``--hf-dtypes fp32 bf16`` forces it, flagged in the notes),

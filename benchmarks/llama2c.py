@@ -24,7 +24,9 @@ Method:
   (256 = the whole context; 128 with ``--quick``); its own "achieved tok/s" (forwards after the first
   one, over wall time, printing included) is the number.
 - llamarun: ``python -m llamarun bench`` on the same file and tokenizer, in its own subprocess, batch 1,
-  ``--quantize none`` (float32 weights) and ``int8`` (quantized at load), float32 activations (``--dtype``).
+  ``--quantize none`` (float32 weights) and ``int8`` (quantized at load), float32 activations (``--dtype``);
+  mode ``auto`` is what llamarun picks without options (``--quantize auto --dtype auto``: the file's float32
+  weights, or on a CPU with native bf16 bf16 weights under float32 activations), labelled with its plan.
   Its decode prompt is 16 random tokens and it decodes STEPS - 17 greedy tokens ignoring end-of-sequence,
   so both engines cover positions up to STEPS; tok/s = decode steps / their time (the prefill step is
   excluded, as run.c excludes its first forward).
@@ -61,8 +63,8 @@ STORIES15M = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, 
 BOS = 1  # run.c hard-codes it, and stops generating when it samples it
 SEED = 0
 DECODE_PROMPT_LEN = 16  # llamarun bench's decode prompt (tokens): llamarun.bench.DECODE_PROMPT
-LLAMARUN_MODES = ("none", "int8", "int4")
-MODE_LABEL = {"none": "fp32", "int8": "int8", "int4": "int4"}
+LLAMARUN_MODES = ("none", "int8", "int4", "auto")
+MODE_LABEL = {"none": "fp32", "int8": "int8", "int4": "int4", "auto": "default"}
 
 
 class BenchUsageError(Exception):
@@ -178,6 +180,7 @@ def run_llamarun(mode: str, ckpt: Path, tokenizer: Path, threads: int, steps: in
                  timeout: float) -> dict:
     """One ``llamarun bench`` in a fresh process (clean peak RSS and thread state); decode tok/s at batch 1."""
     decode_tokens = steps - DECODE_PROMPT_LEN - 1  # prompt + prefill token + decode steps = steps positions
+    dtype = "auto" if mode == "auto" else dtype  # "auto": what `llamarun` picks by itself on this CPU
     cmd = [sys.executable, "-m", "llamarun", "bench", "-m", str(ckpt), "-z", str(tokenizer), "--quantize", mode,
            "--dtype", dtype, "--device", "cpu", "--threads", str(threads), "--batch", "1", "--prefill", "8",
            "--decode-tokens", str(decode_tokens), "--json"]
@@ -230,6 +233,8 @@ def measure(cols: list[dict], rounds: int, log=print) -> None:
         for col in cols if r % 2 == 0 else reversed(cols):
             result = col["measure"]()
             col.setdefault("samples", []).append(result)
+            if col.get("mode") == "auto" and result.get("plan"):  # what the default turned out to be
+                col["weights"] = f"default: {result['plan']}"
             log(f"round {r + 1}/{rounds}: {col['engine']} {col['weights']}: {result['tok_s']:.1f} tok/s")
     for col in cols:
         speeds = [s["tok_s"] for s in col["samples"]]

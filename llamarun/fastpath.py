@@ -16,6 +16,7 @@ tests compare the two paths.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
@@ -91,6 +92,56 @@ class FastLinear(nn.Linear):
         return super().forward(x)
 
 
+class Bf16Linear(nn.Linear):
+    """A bfloat16 weight under float32 activations (an unquantized model on a CPU with native bf16, dtype
+    'auto'; see :func:`bf16_weights`): decode rows stream the weight through ``f32_linear`` at half float32's
+    bytes, widened in registers (stories15M: 2.2x, SmolLM2: 3x torch's bf16 decode on Zen 4), and 5+ rows
+    (prefill, batches) are bf16 GEMMs with x rounded to bf16, float32 out, as in the quantized layers' dense
+    path. Elsewhere (no kernels, another device or dtype) the weight is cast to the activations' dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if _cpu_f32(x) and w.is_cpu and w.dtype == torch.bfloat16 and self.bias is None and w.is_contiguous():
+            return torch.ops.llamarun.f32_linear(x if x.is_contiguous() else x.contiguous(), w)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Bf16Embedding(nn.Module):
+    """Token embedding over a bfloat16 table (shared with a tied output layer), the looked-up rows widened to
+    float32. ``weight`` is a zero-size float32 placeholder carrying the activations' device and dtype, as in
+    :class:`~llamarun.quantize.QuantizedEmbedding`."""
+
+    def __init__(self, table: nn.Parameter) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.register_buffer("weight", torch.empty(0, device=table.device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.table).float()
+
+
+def bf16_weights(model: Transformer) -> None:
+    """Turn a model built in bfloat16 into bfloat16 weights under float32 activations, in place: the linear
+    layers become :class:`Bf16Linear` and the embedding :class:`Bf16Embedding` (same tensors, a tied output
+    keeps sharing the table), the norms' weights (a few KiB) float32. Decode then runs the fused float32
+    path (one op for the layer stack) over half float32's weight bytes; the float32 activations and KV cache
+    round less than bf16 ones. Needs the kernels (:func:`llamarun.kernels.available`)."""
+    if not kernels.available():
+        raise RuntimeError(f"bf16_weights needs llamarun's CPU kernels ({kernels.reason()})")
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.weight = nn.Parameter(m.weight.detach().float(), requires_grad=False)
+        elif type(m) in (nn.Linear, FastLinear):
+            m.__class__ = Bf16Linear
+    model.rope = model.rope.float()  # (float32 already, unless the whole model was cast)
+    emb = model.tok_embeddings
+    if isinstance(emb, nn.Embedding):
+        model.tok_embeddings = Bf16Embedding(emb.weight)
+    if isinstance(model, FastTransformer):
+        model._stacks = None
+
+
 def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, int, tuple[torch.Tensor, ...]] | None:
     """(bits, group size, bf16 tile rows, 3 weight tensors) of a linear layer for ``decode_layers``, or None
     if the op cannot run it as its own forward would (another dtype or device, a bias, the dense path)."""
@@ -100,9 +151,9 @@ def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, int, tuple[torch.
         # What the layer passes its own kernel: tensors, group size, tile rows.
         *tensors, group, tiles = lin._kernel_args()[1]
         return _BITS[lin.mode], group, tiles, tuple(tensors) + (tensors[0],) * (3 - len(tensors))
-    if type(lin) is FastLinear and lin.bias is None:
+    if type(lin) in (FastLinear, Bf16Linear) and lin.bias is None:  # f32_linear: float32 or bf16 weights
         w = lin.weight
-        if _cpu_f32(w) and w.is_contiguous():
+        if w.is_cpu and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
             return 32, 0, 0, (w, w, w)
     return None
 

@@ -34,15 +34,15 @@ from .sampling import NonFiniteLogits, SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
 
 
-def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torch.dtype, quantize: str) -> torch.dtype | None:
-    """bfloat16 when a quantized model on a CPU with native bf16 would get bf16 activations from
-    ``dtype='auto'``: the model then runs in float32 instead, so decode steps keep the integer kernels and
-    the fused float32 path (bf16 activations would send every step through torch's per-op code), and only
-    the quantized layers' large-batch GEMMs (prefill) use bf16. None: keep ``dtype`` as it is."""
+def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """bfloat16 when a model on a CPU with native bf16 would get bf16 activations from ``dtype='auto'``: the
+    model then runs in float32 instead, so decode steps keep the kernels and the fused float32 path (bf16
+    activations would send every step through torch's per-op code), and only the large-batch GEMMs (prefill)
+    use bf16: the quantized layers' dense path, or an unquantized model's bf16 weights
+    (``fastpath.bf16_weights``). None: keep ``dtype`` as it is."""
     from . import kernels
 
-    if (requested in (None, "auto") and device.type == "cpu" and dtype == torch.bfloat16 and quantize != "none"
-            and kernels.available()):
+    if requested in (None, "auto") and device.type == "cpu" and dtype == torch.bfloat16 and kernels.available():
         return torch.bfloat16
     return None
 
@@ -50,26 +50,26 @@ def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torc
 def plan_load(args, device: torch.device, dtype: str | torch.dtype = "auto", kv_dtype: str | torch.dtype = "auto",
               **plan_kwargs):
     """The memory plan ``Llama.load`` follows, for ``plan``/``info`` to print the same one: returns (plan,
-    activation dtype, KV cache dtype, ``dense_dtype`` or None). A quantized model on a CPU with native bf16
-    keeps float32 activations (see :func:`_dense_dtype`), so it is planned with them and their KV cache."""
+    activation dtype, KV cache dtype, ``dense_dtype`` or None). On a CPU with native bf16 a model keeps
+    float32 activations and their KV cache (see :func:`_dense_dtype`): an unquantized one is planned with
+    bf16 weights, a quantized one with float32 for what is not quantized."""
     from .memory import make_plan
 
-    dt, kv, _ = _load_dtypes(dtype, kv_dtype, device, "none")
-    plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
-    dt, kv, dense = _load_dtypes(dtype, kv_dtype, device, plan.quantize)
-    if dense is not None:
+    dt, kv, dense = _load_dtypes(dtype, kv_dtype, device)
+    plan = make_plan(args, device, dense or dt, kv_dtype=kv, **plan_kwargs)
+    if dense is not None and plan.quantize != "none":
         plan = make_plan(args, device, dt, kv_dtype=kv, **plan_kwargs)
     return plan, dt, kv, dense
 
 
-def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype, device: torch.device,
-                 quantize: str) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
-    """(activation dtype, KV cache dtype, ``dense_dtype`` or None) of a model quantized as ``quantize``
-    ("none", "int8", "int4"): the names resolved, and float32 activations where :func:`_dense_dtype` says."""
+def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype,
+                 device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype | None]:
+    """(activation dtype, KV cache dtype, ``dense_dtype`` or None): the names resolved, and float32
+    activations where :func:`_dense_dtype` says."""
     from .device import pick_kv_dtype
 
     dt = pick_dtype(dtype, device)
-    dense = _dense_dtype(dtype, device, dt, quantize)
+    dense = _dense_dtype(dtype, device, dt)
     if dense is not None:
         dt = torch.float32
     return dt, pick_kv_dtype(kv_dtype, device, dt), dense
@@ -396,10 +396,17 @@ class Llama:
 
     @property
     def dense_dtype(self) -> torch.dtype | None:
-        """The quantized layers' prefill (large-batch) GEMM dtype, or None for an unquantized model."""
+        """The prefill (large-batch) GEMM dtype under float32 activations: the quantized layers', or bfloat16
+        for bf16 weights (``fastpath.Bf16Linear``); None for an unquantized model in its own dtype."""
+        from .fastpath import Bf16Linear
         from .quantize import QuantizedLinear
 
-        return next((m.dense_dtype for m in self.model.modules() if isinstance(m, QuantizedLinear)), None)
+        for m in self.model.modules():
+            if isinstance(m, QuantizedLinear):
+                return m.dense_dtype
+            if isinstance(m, Bf16Linear):
+                return torch.bfloat16
+        return None
 
     @property
     def batch_rows(self) -> int:
@@ -452,7 +459,7 @@ class Llama:
             raise UsageError(f"memory must be a number of bytes > 0, got {memory!r}")
         dev = pick_device(device)
         # Bad dtype names fail here too; the dtypes are those of a llamarun-quantized file (int8/int4 throughout).
-        dt, kv, dense = _load_dtypes(dtype, kv_dtype, dev, "int8")
+        dt, kv, dense = _load_dtypes(dtype, kv_dtype, dev)
         set_threads(threads)
         from .quantize import is_quantized_checkpoint
 
@@ -471,7 +478,11 @@ class Llama:
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":
-                model = build_model(ckpt, home, dt)
+                model = build_model(ckpt, home, dense or dt)
+                if dense is not None:
+                    from .fastpath import bf16_weights
+
+                    bf16_weights(model)  # bf16 weights, float32 activations
             else:
                 from .quantize import build_quantized_model
 

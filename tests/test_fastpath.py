@@ -43,6 +43,52 @@ def test_f32_linear_matches_torch(shape, n):
                                rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 576), (4, 288), (2, 3, 64), (1, 40)])  # 4 rows: the pool; 6: a bf16 GEMM
+@pytest.mark.parametrize("n", [960, 7])
+def test_f32_linear_with_bf16_weights(shape, n):
+    """bfloat16 weights: decode rows widen them exactly (float32 products and sums), more rows are a bf16 GEMM
+    (x rounded to bf16, bf16 out, as torch's bf16 linear)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(n, shape[-1]).bfloat16()
+    got = torch.ops.llamarun.f32_linear(x, w)
+    assert got.dtype == torch.float32 and got.shape == (*shape[:-1], n)
+    if x.numel() // shape[-1] <= 4:
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(got, torch.nn.functional.linear(x.bfloat16(), w).float())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.llamarun.f32_linear(x, w.half())
+
+
+def test_bf16_weights_model_decodes_like_its_reference():
+    """fastpath.bf16_weights: bf16 linear and embedding weights (a tied output shares the table) under
+    float32 activations. Prefill + 10 decode steps (the one-op layer stack with the head) match the same
+    model computing in float32 from the bf16-rounded weights: exactly for the decode rows' products, to bf16
+    rounding for the prefill GEMMs."""
+    model = _tiny_model()
+    model.tok_embeddings.weight = model.output.weight  # tied, as SmolLM2
+    model.to(torch.bfloat16)
+    ref = _tiny_model()
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ref.output.weight = ref.tok_embeddings.weight
+    fastpath.accelerate(model)
+    fastpath.bf16_weights(model)
+    assert model.output.weight.dtype == torch.bfloat16 and model.output.weight is model.tok_embeddings.table
+    assert model.tok_embeddings.weight.dtype == torch.float32  # the activations' dtype, for the engine
+    assert isinstance(model.layers[0].feed_forward.w13, fastpath.Bf16Linear)
+    prompt = torch.randint(0, 50, (2, 7))
+    with torch.inference_mode():
+        got, want = _decode(model, prompt), _decode(ref, prompt)
+        assert model._decode_stack(2) is not None and model._decode_stack(2)[5]  # decode_layers with the head
+        assert model.layers[0].attention.cache.k.dtype == torch.float32
+    torch.testing.assert_close(got[1:], want[1:], rtol=0.05, atol=0.05)  # decode after a bf16-GEMM prefill
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # Off the fast path (another device or dtype): the weight is cast to the activations'.
+    lin = model.layers[0].attention.wo
+    x = torch.randn(3, lin.in_features, dtype=torch.float64)
+    torch.testing.assert_close(lin(x), x @ lin.weight.double().t())
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
                                                                  (4, 4, 16, 3, 5), (8, 2, 128, 2, 300),
                                                                  (6, 6, 48, 1, 511), (4, 1, 64, 2, 128)])

@@ -141,6 +141,14 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "int8", "batch_rows": 6,
                       "batch_product": "int8"}) == " (int8 activations for prefill and batches of 6+ rows, VNNI)"
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
+    # Unquantized: bf16 weights under float32 activations, decoding through the one-op layer stack; an
+    # explicit bfloat16 keeps bf16 activations.
+    none = Llama.load(None, quantize="none")
+    assert (none.dtype, none.dense_dtype, none.kv_dtype, none.plan.label) == (
+        torch.float32, torch.bfloat16, torch.float16, "bfloat16")
+    assert none.generate([prompt[:5]], 3, temperature=0)[0][0][0] == out[0][0][0]  # int4's first token
+    assert none.model._decode_stack(1) is not None
+    assert Llama.load(None, quantize="none", dtype="bfloat16").dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs AVX-512 VNNI")
@@ -175,7 +183,8 @@ def test_batches_use_int8_products_without_bf16(monkeypatch):
 @pytest.mark.parametrize("bf16_cpu", [False, True])
 def test_plan_and_info_print_the_plan_load_follows(monkeypatch, capsys, bf16_cpu):
     """`plan` and `info` show the activations and KV cache ``Llama.load`` will use: on a CPU with native
-    bf16 a quantized model keeps float32 activations (and a float16 KV cache), an unquantized one is bf16."""
+    bf16 a quantized model keeps float32 activations (and a float16 KV cache), an unquantized one has bf16
+    weights under them."""
     import json
 
     from llamarun import cli, device
@@ -195,7 +204,8 @@ def test_plan_and_info_print_the_plan_load_follows(monkeypatch, capsys, bf16_cpu
         f"int4 on cpu, {_fmt(llm.plan.weights_on_device)} weights, ")
     assert cli.main(["plan", "--json", "--quantize", "none"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert (plan["dtype"], plan["kv_dtype"]) == (("bfloat16",) * 2 if bf16_cpu else ("float32", "float16"))
+    # Unquantized on a bf16 CPU: bf16 weights (the plan's dtype) under float32 activations, float16 KV cache.
+    assert (plan["dtype"], plan["kv_dtype"]) == ("bfloat16" if bf16_cpu else "float32", "float16")
 
 
 def test_temperature_zero_is_argmax():

@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -75,11 +76,17 @@ inline __m256 exp8(__m256 x) {
 }
 #endif
 
-// Cache elements: float32, or float16 (converted 8 at a time with F16C where the CPU has it).
+// Cache elements: float32, or float16 (converted 8 at a time with F16C where the CPU has it). Weights:
+// float32 or bfloat16 (a bfloat16 is a float32's upper half: widened with a shift).
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 #ifdef FUSED_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
 #ifdef __F16C__
 inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #else
@@ -125,6 +132,28 @@ inline float dot(const float* a, const float* b, int64_t n) {
   }
   float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
   for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// float32 . bfloat16 (f32_linear's rows with bfloat16 weights), 32 at a time.
+inline float dot(const float* a, const c10::BFloat16* b, int64_t n) {
+  int64_t i = 0;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), acc1);
+  }
+  if (i + 16 <= n) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc0);
+    i += 16;
+  }
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 #endif
@@ -258,28 +287,38 @@ at::Tensor silu_mul(const at::Tensor& x) {
   return out;
 }
 
-// y [..., N] = x [..., K] @ w [N, K]^T. Up to kF32PoolRows rows of x (decode): one pass over w, its rows
-// split across the pool's threads, each weight row applied to every x row while it is in L1. At batch 1 an
-// fp32 model is a stream of weights from memory; MKL's gemv reaches 12-14 GB/s on these shapes, this ~17.
-// More rows (prefill, big batches) go to MKL's GEMM, which reuses each weight tile across them.
+// y [..., N] = x [..., K] @ w [N, K]^T, x float32, w float32 or bfloat16 (float32 out). Up to kF32PoolRows
+// rows of x (decode): one pass over w, its rows split across the pool's threads, each weight row applied to
+// every x row while it is in L1, bfloat16 widened to float32 on the way. At batch 1 an unquantized model is
+// a stream of weights from memory; MKL's gemv reaches 12-14 GB/s on these shapes, this ~17 (and torch's
+// bf16 F.linear 8-10). More rows (prefill, big batches) go to torch's GEMM, which reuses each weight tile
+// across them: float32 (MKL), or bfloat16 for a bfloat16 weight (x rounded to bf16: oneDNN's AVX512-BF16
+// or AMX GEMM).
 constexpr int64_t kF32PoolRows = 4;
+
+template <typename W>
+void rows_linear(const float* X, const W* Wt, float* Y, int64_t M, int64_t N, int64_t K) {
+  parallel_rows(N, grain_for(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot(X + m * K, Wt + n * K, K);
+  });
+}
 
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
   check_f32(x, "x");
-  check_f32(w, "weight");
+  const bool bf16 = w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && (bf16 || w.scalar_type() == at::kFloat),
+              "weight must be a contiguous float32 or bfloat16 CPU tensor");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x [..., K] and weight [N, K] do not match");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
-  if (M > kF32PoolRows) return at::linear(x, w);
+  if (M > kF32PoolRows) return bf16 ? at::linear(x.to(at::kBFloat16), w).to(at::kFloat) : at::linear(x, w);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
-  const float* X = x.data_ptr<float>();
-  const float* W = w.data_ptr<float>();
-  float* Y = out.data_ptr<float>();
-  parallel_rows(N, grain_for(K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot(X + m * K, W + n * K, K);
-  });
+  if (bf16)
+    rows_linear(x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), out.data_ptr<float>(), M, N, K);
+  else
+    rows_linear(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), M, N, K);
   return out;
 }
 
