@@ -117,31 +117,18 @@ inline float dot(const float* a, const T* b, int64_t n) {
 }
 
 #if defined(FUSED_AVX2) && defined(__AVX512F__)
-// float32 . float32 in 512-bit registers (f32_linear's rows, float32 caches): half the instructions of the
-// 256-bit loop above, which matters where the weights come from cache (stories15M fits in L2/L3).
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-  }
-  if (i + 16 <= n) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    i += 16;
-  }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
+// 16 weights as float32: loaded, or bfloat16 widened (a bfloat16 is a float32's upper half).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-// float32 . bfloat16 (f32_linear's rows with bfloat16 weights), 32 at a time.
-inline float dot(const float* a, const c10::BFloat16* b, int64_t n) {
+// float32 . float32 or bfloat16 in 512-bit registers (f32_linear's rows, float32 caches): half the
+// instructions of the 256-bit loop above, which matters where the weights come from cache (stories15M
+// fits in L2/L3).
+template <typename T>
+inline float dot512(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; i + 32 <= n; i += 32) {
@@ -153,9 +140,11 @@ inline float dot(const float* a, const c10::BFloat16* b, int64_t n) {
     i += 16;
   }
   float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
+inline float dot(const float* a, const float* b, int64_t n) { return dot512(a, b, n); }
+inline float dot(const float* a, const c10::BFloat16* b, int64_t n) { return dot512(a, b, n); }
 #endif
 
 // y += a * x
