@@ -126,7 +126,8 @@ def bf16_weights(model: Transformer) -> None:
     layers become :class:`Bf16Linear` and the embedding :class:`Bf16Embedding` (same tensors, a tied output
     keeps sharing the table), the norms' weights (a few KiB) float32. Decode then runs the fused float32
     path (one op for the layer stack) over half float32's weight bytes; the float32 activations and KV cache
-    round less than bf16 ones. Needs the kernels (:func:`llamarun.kernels.available`)."""
+    round less than bf16 ones. Prefill's attention follows the quantized models' (``Attention.prefill_dtype``:
+    torch's bf16 flash attention with AMX, else the kernels' float32 ``attn_prefill``). Needs the kernels (:func:`llamarun.kernels.available`)."""
     if not kernels.available():
         raise RuntimeError(f"bf16_weights needs llamarun's CPU kernels ({kernels.reason()})")
     for m in model.modules():
@@ -134,6 +135,8 @@ def bf16_weights(model: Transformer) -> None:
             m.weight = nn.Parameter(m.weight.detach().float(), requires_grad=False)
         elif type(m) in (nn.Linear, FastLinear):
             m.__class__ = Bf16Linear
+        elif isinstance(m, Attention):  # prefill's attention products in bf16 too, as quantize.set_dense_dtype
+            m.prefill_dtype = torch.bfloat16  # (torch's bf16 flash attention where AMX has it, else attn_prefill)
     model.rope = model.rope.float()  # (float32 already, unless the whole model was cast)
     emb = model.tok_embeddings
     if isinstance(emb, nn.Embedding):

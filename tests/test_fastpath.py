@@ -76,6 +76,7 @@ def test_bf16_weights_model_decodes_like_its_reference():
     assert model.output.weight.dtype == torch.bfloat16 and model.output.weight is model.tok_embeddings.table
     assert model.tok_embeddings.weight.dtype == torch.float32  # the activations' dtype, for the engine
     assert isinstance(model.layers[0].feed_forward.w13, fastpath.Bf16Linear)
+    assert model.layers[0].attention.prefill_dtype == torch.bfloat16  # as the quantized models' bf16 GEMMs
     prompt = torch.randint(0, 50, (2, 7))
     with torch.inference_mode():
         got, want = _decode(model, prompt), _decode(ref, prompt)
