@@ -844,9 +844,23 @@ void group_values_rows8(const uint16_t* const row[8], int64_t nb, int64_t bpg, f
 // Rows n0..n0+7 of an int4 weight (rows past N: zeros) into g. A block of a row is 16 bytes, byte i holding
 // elements i (low nibble) and i + 16 (high): the 8 rows' blocks are transposed as 4 dwords each, then dword
 // j's low nibbles are elements 4j..4j+3 of every row, its high nibbles elements 16+4j..16+4j+3.
+// Prefetch rows n0..n0+7 (those past N: none) of a [N, row_bytes] array: the next pass's weights, fetched
+// while this pass's are unpacked and multiplied. The unpacking reads 8 rows a block at a time, 8 short
+// streams the hardware prefetcher does not pick up well (its loads were ~30% of the GEMM's samples at 16
+// rows); batch 16 gained 0-14% (median of 8 alternating runs, 4 pairs), prefill-512 5%.
+inline void prefetch_rows8(const void* base, int64_t row_bytes, int64_t n0, int64_t N) {
+  const int64_t rows = std::min<int64_t>(8, N - n0);
+  if (rows <= 0) return;
+  const char* p = static_cast<const char*>(base) + n0 * row_bytes;
+  for (int64_t b = 0; b < rows * row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 void unpack_q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n0,
                     int64_t N, GemmRows& g) {
   const int64_t nb = K / QK, ng = K / G;
+  prefetch_rows8(W, K / 2, n0 + 8, N);
+  prefetch_rows8(S, ng * 2, n0 + 8, N);
+  prefetch_rows8(Z, ng * 2, n0 + 8, N);
   const uint8_t* src[8];
   const uint16_t *sr[8], *zr[8];
   for (int r = 0; r < 8; ++r) {
@@ -882,6 +896,8 @@ void unpack_q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int6
 // Rows n0..n0+7 of an int8 weight (rows past N: zeros) into g: 8 x 8 dword transposes of the rows' blocks.
 void unpack_q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n0, int64_t N, GemmRows& g) {
   const int64_t nb = K / QK, ng = K / G;
+  prefetch_rows8(W, K, n0 + 8, N);
+  prefetch_rows8(S, ng * 2, n0 + 8, N);
   const int8_t* src[8];
   const uint16_t* sr[8];
   for (int r = 0; r < 8; ++r) {
