@@ -98,6 +98,96 @@ def release_free_memory() -> bool:
 _malloc_trim: Any = None
 
 
+HUGE_PAGE = 2 * MiB
+
+
+def huge_pages_available() -> bool:
+    """Whether this process can ask for transparent huge pages (Linux with THP in "always" or "madvise")."""
+    import mmap
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
+
+
+def pack_weights(model: torch.nn.Module) -> int:
+    """Move a CPU model's parameters and buffers into one arena of 2 MiB transparent huge pages, in place;
+    returns the bytes moved (0 where huge pages are unavailable, or the model is not on the CPU).
+
+    Why: decoding streams every weight once per token, and with 4 KiB pages that is a TLB miss every 4 KiB
+    (for SmolLM2's int4 weights ~24k a token), each a page walk that is twice as deep under a VM's nested
+    paging. Measured on the 2-core Zen 4 VM, the same process alternating two copies of a model: batch-1
+    decode 149 -> 178 tok/s for SmolLM2 int4, 413 -> 537 for stories15M in float32 (batch 16, which is
+    compute-bound, did not change).
+
+    Each storage is copied, then every tensor on it is replaced by a view of the copy (ties and views are
+    kept), so the old storage is freed before the next is copied, and the heap's freed pages are handed back
+    every 8 MiB: the peak stays near the weights plus 8 MiB. The arena is one private anonymous mapping,
+    rounded up to 2 MiB at most once.
+    """
+    import mmap
+
+    items = []  # (module, name, tensor, is_parameter)
+    for mod in model.modules():
+        items += [(mod, n, t, True) for n, t in mod._parameters.items() if t is not None]
+        items += [(mod, n, t, False) for n, t in mod._buffers.items() if t is not None]
+    storages: dict[int, Any] = {}
+    for _, _, t, _ in items:
+        if t.device.type != "cpu":
+            return 0
+        if t.numel():
+            st = t.untyped_storage()
+            storages.setdefault(st.data_ptr(), st)
+    if not storages or not huge_pages_available():
+        return 0
+    align = 64  # each storage starts on a cache line
+    total = sum(-(-st.nbytes() // align) * align for st in storages.values())
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are born huge
+    with torch.inference_mode():
+        arena = torch.frombuffer(buf, dtype=torch.uint8)  # keeps the mapping alive as long as a view of it
+        offset = -arena.data_ptr() % HUGE_PAGE
+        by_storage: dict[int, list] = {}
+        for item in items:
+            if item[2].numel():
+                by_storage.setdefault(item[2].untyped_storage().data_ptr(), []).append(item)
+        del items  # no reference to an old tensor may outlive its replacement
+        moved = freed = 0
+        while by_storage:
+            key, group = by_storage.popitem()
+            old = storages.pop(key)
+            n = old.nbytes()
+            dst = arena[offset : offset + n]
+            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(old, 0, (n,), (1,)))
+            new_storage = dst.untyped_storage()
+            base = offset  # dst's byte offset in the arena's storage
+            replaced: dict[int, torch.Tensor] = {}  # id(old tensor) -> its replacement (tied weights stay tied)
+            for mod, name, t, is_param in group:
+                new = replaced.get(id(t))
+                if new is None:
+                    new = torch.empty(0, dtype=t.dtype).set_(new_storage, base // t.element_size() + t.storage_offset(),
+                                                             t.shape, t.stride())
+                    if is_param:
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                    replaced[id(t)] = new
+                setattr(mod, name, new)  # QuantizedLinear drops its cached kernel arguments here
+            del old, group, replaced, mod, t
+            moved += n
+            offset += -(-n // align) * align
+            freed += n
+            if freed >= 8 * MiB:  # hand the freed heap pages back as we go: else they add up to a second copy
+                release_free_memory()
+                freed = 0
+    for mod in model.modules():
+        if hasattr(mod, "_stacks"):  # fastpath.FastTransformer's gathered decode arguments hold the old tensors
+            mod._stacks = None
+    release_free_memory()  # the heap pieces the smaller tensors leave
+    return moved
+
+
 def cpu_runtime_bytes() -> int:
     """What this process already holds (Python, torch, the tokenizer: measured, since it varies with the
     environment), or the typical figure when the process is still smaller than that."""

@@ -193,3 +193,66 @@ def test_plan_is_honest_for_a_7b_model(tmp_path, qtype):
     ratio = measured_vs_plan(str(path), "auto")
     print(f"7B {qtype}: peak RSS / plan = {ratio:.3f}")
     assert 0.85 <= ratio <= 1.15
+
+
+def _storage_range(model: torch.nn.Module) -> tuple[int, int]:
+    """The lowest and highest addresses the model's parameters and buffers (contiguous here) occupy."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.numel()]
+    return min(t.data_ptr() for t in tensors), max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")
+@pytest.mark.parametrize("mode", ["none", "int4"])
+def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
+    """memory.pack_weights: every parameter and buffer ends up in one 2 MiB-aligned arena, in 2 MiB pages
+    where the kernel grants them; the model computes the same logits (the fast path's gathered arguments
+    and the quantized layers' cached ones are dropped and gathered again from the new tensors), and a tied
+    output layer still shares the embedding's table."""
+    from llamarun import fastpath, memory
+    from llamarun.quantize import quantize_model
+
+    torch.manual_seed(0)
+    from llamarun.config import ModelArgs
+    from llamarun.model import Transformer
+
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128,
+                                  max_seq_len=64, tie_embeddings=True)).eval()
+    if mode != "none":
+        quantize_model(model, mode)
+    fastpath.accelerate(model)
+    prompt = torch.randint(0, 96, (2, 9))
+
+    def run() -> torch.Tensor:
+        model.free_cache()
+        model.setup_cache(2, 16)
+        out = [model(prompt, 0)]
+        for i in range(3):  # decode steps through decode_layers (its gathered arguments)
+            out.append(model(out[-1][:, -1:].argmax(-1), prompt.shape[1] + i))
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        want = run()
+        model.free_cache()
+        nbytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                      for t in list(model.parameters()) + list(model.buffers()) if t.numel()}.values())
+        assert memory.pack_weights(model) == nbytes
+        lo, hi = _storage_range(model)
+        assert hi - lo < nbytes + 64 * 64 and lo % memory.HUGE_PAGE == 0  # one arena, packed from its start
+        assert model._stacks is None
+        if mode == "none":
+            assert model.output.weight is model.tok_embeddings.weight
+        else:
+            assert all(m._kargs is None for m in model.modules() if hasattr(m, "_kargs"))
+        got = run()
+    assert torch.equal(got, want)
+
+
+def test_load_packs_cpu_weights():
+    """Llama.load on the CPU leaves the model's weights in one arena (memory.pack_weights)."""
+    from llamarun import Llama, memory
+
+    if not memory.huge_pages_available():
+        pytest.skip("no transparent huge pages")
+    llm = Llama.load(None, max_seq_len=64)
+    lo, hi = _storage_range(llm.model)
+    assert lo % memory.HUGE_PAGE == 0 and hi - lo < 100 * 2**20  # SmolLM2's ~94 MiB, nothing elsewhere
