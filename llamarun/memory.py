@@ -113,6 +113,23 @@ def huge_pages_available() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
 
 
+def _tensors_by_storage(model: torch.nn.Module) -> dict[int, tuple[Any, list]] | None:
+    """The model's non-empty parameters and buffers grouped by storage: data_ptr -> (storage, [(module,
+    name, tensor, is_parameter), ...]); None if any is off the CPU."""
+    groups: dict[int, tuple[Any, list]] = {}
+    for mod in model.modules():
+        for table, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if t.device.type != "cpu":
+                    return None
+                if t.numel():
+                    st = t.untyped_storage()
+                    groups.setdefault(st.data_ptr(), (st, []))[1].append((mod, name, t, is_param))
+    return groups
+
+
 def pack_weights(model: torch.nn.Module) -> int:
     """Move a CPU model's parameters and buffers into one arena of 2 MiB transparent huge pages, in place;
     returns the bytes moved (0 where huge pages are unavailable, or the model is not on the CPU).
@@ -130,62 +147,48 @@ def pack_weights(model: torch.nn.Module) -> int:
     """
     import mmap
 
-    items = []  # (module, name, tensor, is_parameter)
-    for mod in model.modules():
-        items += [(mod, n, t, True) for n, t in mod._parameters.items() if t is not None]
-        items += [(mod, n, t, False) for n, t in mod._buffers.items() if t is not None]
-    storages: dict[int, Any] = {}
-    for _, _, t, _ in items:
-        if t.device.type != "cpu":
-            return 0
-        if t.numel():
-            st = t.untyped_storage()
-            storages.setdefault(st.data_ptr(), st)
-    if not storages or not huge_pages_available():
+    groups = _tensors_by_storage(model)
+    if not groups or not huge_pages_available():
         return 0
+    for mod in model.modules():
+        if hasattr(mod, "_stacks"):  # fastpath.FastTransformer's gathered decode arguments hold the tensors
+            mod._stacks = None
     align = 64  # each storage starts on a cache line
-    total = sum(-(-st.nbytes() // align) * align for st in storages.values())
+    total = sum(-(-st.nbytes() // align) * align for st, _ in groups.values())
     buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are born huge
+    moved = freed = 0
     with torch.inference_mode():
         arena = torch.frombuffer(buf, dtype=torch.uint8)  # keeps the mapping alive as long as a view of it
-        offset = -arena.data_ptr() % HUGE_PAGE
-        by_storage: dict[int, list] = {}
-        for item in items:
-            if item[2].numel():
-                by_storage.setdefault(item[2].untyped_storage().data_ptr(), []).append(item)
-        del items  # no reference to an old tensor may outlive its replacement
-        moved = freed = 0
-        while by_storage:
-            key, group = by_storage.popitem()
-            old = storages.pop(key)
+        offset = -arena.data_ptr() % HUGE_PAGE  # bytes into the arena's storage
+        while groups:  # popped one by one: no reference to an old storage may outlive its copy
+            _, (old, users) = groups.popitem()
             n = old.nbytes()
-            dst = arena[offset : offset + n]
-            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(old, 0, (n,), (1,)))
-            new_storage = dst.untyped_storage()
-            base = offset  # dst's byte offset in the arena's storage
-            replaced: dict[int, torch.Tensor] = {}  # id(old tensor) -> its replacement (tied weights stay tied)
-            for mod, name, t, is_param in group:
-                new = replaced.get(id(t))
-                if new is None:
-                    new = torch.empty(0, dtype=t.dtype).set_(new_storage, base // t.element_size() + t.storage_offset(),
-                                                             t.shape, t.stride())
-                    if is_param:
-                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
-                    replaced[id(t)] = new
-                setattr(mod, name, new)  # QuantizedLinear drops its cached kernel arguments here
-            del old, group, replaced, mod, t
-            moved += n
-            offset += -(-n // align) * align
-            freed += n
+            arena[offset : offset + n].copy_(torch.empty(0, dtype=torch.uint8).set_(old, 0, (n,), (1,)))
+            _replace(users, arena.untyped_storage(), offset)
+            del old, users
+            moved, freed, offset = moved + n, freed + n, offset + -(-n // align) * align
             if freed >= 8 * MiB:  # hand the freed heap pages back as we go: else they add up to a second copy
                 release_free_memory()
                 freed = 0
-    for mod in model.modules():
-        if hasattr(mod, "_stacks"):  # fastpath.FastTransformer's gathered decode arguments hold the old tensors
-            mod._stacks = None
     release_free_memory()  # the heap pieces the smaller tensors leave
     return moved
+
+
+def _replace(users: list, storage: Any, byte_offset: int) -> None:
+    """Point every (module, name, tensor, is_parameter) of one old storage at the same place in ``storage``,
+    whose bytes from ``byte_offset`` are a copy of the old storage's: a tensor seen twice (a tied weight)
+    gets one replacement."""
+    replaced: dict[int, torch.Tensor] = {}
+    for mod, name, t, is_param in users:
+        new = replaced.get(id(t))
+        if new is None:
+            new = torch.empty(0, dtype=t.dtype).set_(storage, byte_offset // t.element_size() + t.storage_offset(),
+                                                     t.shape, t.stride())
+            if is_param:
+                new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+            replaced[id(t)] = new
+        setattr(mod, name, new)  # QuantizedLinear drops its cached kernel arguments here
 
 
 def cpu_runtime_bytes() -> int:
