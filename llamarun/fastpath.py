@@ -127,7 +127,8 @@ def bf16_weights(model: Transformer) -> None:
     keeps sharing the table), the norms' weights (a few KiB) float32. Decode then runs the fused float32
     path (one op for the layer stack) over half float32's weight bytes; the float32 activations and KV cache
     round less than bf16 ones. Prefill's attention follows the quantized models' (``Attention.prefill_dtype``:
-    torch's bf16 flash attention with AMX, else the kernels' float32 ``attn_prefill``). Needs the kernels (:func:`llamarun.kernels.available`)."""
+    torch's bf16 flash attention with AMX, else the kernels' float32 ``attn_prefill``). Needs the kernels
+    (:func:`llamarun.kernels.available`)."""
     if not kernels.available():
         raise RuntimeError(f"bf16_weights needs llamarun's CPU kernels ({kernels.reason()})")
     for m in model.modules():

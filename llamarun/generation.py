@@ -491,8 +491,7 @@ class Llama:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
             if plan.quantize != "none":
                 _batch_products(model, dtype, dev, dense)
-        if dev.type == "cpu":
-            pack_weights(model)  # into 2 MiB pages: far fewer TLB misses streaming them (memory.pack_weights)
+        pack_weights(model)  # CPU weights into 2 MiB pages: far fewer TLB misses streaming them
         release_free_memory()
         llm = cls(model, ckpt.tokenizer, seq, max_batch_size, ckpt, time.perf_counter() - t0, kv)
         llm.plan = plan
@@ -521,8 +520,7 @@ class Llama:
         plan.reason = f"a {mode} checkpoint, loaded as it is"
         with torch.inference_mode():
             q = load_quantized(path, dev, dt, tokenizer_path)
-        if dev.type == "cpu":
-            pack_weights(q.model)
+        pack_weights(q.model)
         if q.tokenizer is None:
             raise FormatError(f"{path}: the tokenizer it was made with is gone; pass one with -z/tokenizer_path")
         ckpt = Checkpoint(args=args, tensors={}, tokenizer=q.tokenizer, format="llamarun-quantized", path=path)

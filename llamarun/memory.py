@@ -142,8 +142,9 @@ def pack_weights(model: torch.nn.Module) -> int:
 
     Each storage is copied, then every tensor on it is replaced by a view of the copy (ties and views are
     kept), so the old storage is freed before the next is copied, and the heap's freed pages are handed back
-    every 8 MiB: the peak stays near the weights plus 8 MiB. The arena is one private anonymous mapping,
-    rounded up to 2 MiB at most once.
+    every 8 MiB: the peak stays near the weights plus 8 MiB (the last few MiB are left to the caller's
+    :func:`release_free_memory`, which ``Llama.load`` calls next). The arena is one private anonymous
+    mapping, rounded up to 2 MiB at most once.
     """
     import mmap
 
@@ -171,7 +172,6 @@ def pack_weights(model: torch.nn.Module) -> int:
             if freed >= 8 * MiB:  # hand the freed heap pages back as we go: else they add up to a second copy
                 release_free_memory()
                 freed = 0
-    release_free_memory()  # the heap pieces the smaller tensors leave
     return moved
 
 

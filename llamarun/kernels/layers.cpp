@@ -9,7 +9,7 @@
 //       -> [B, 1, D], or logits [B, 1, V] with the head
 //   Per layer l (L = len(k_caches) layers), weights[14 l ...] holds
 //       attention_norm.weight, ffn_norm.weight, then 3 tensors for each of wqkv, wo, w13, w2:
-//       float32 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
+//       float32 or bfloat16 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
 //   ("-": any tensor, unused), and kinds[12 l ...] holds (bits, group_size, batch_rows) for the same four
 //   linears, bits 32, 8 or 4 (batch_rows: see q4_linear). The caches are written at `pos` (see attn_decode in fused.cpp).
 //   Optionally the model's head follows the layers: 4 more weights (norm.weight, then output's 3 tensors

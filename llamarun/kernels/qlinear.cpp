@@ -841,9 +841,6 @@ void group_values_rows8(const uint16_t* const row[8], int64_t nb, int64_t bpg, f
     for (int i = 0; i < 8; ++i) out[b * 8 + i] = h2f(row[i][b / bpg]);
 }
 
-// Rows n0..n0+7 of an int4 weight (rows past N: zeros) into g. A block of a row is 16 bytes, byte i holding
-// elements i (low nibble) and i + 16 (high): the 8 rows' blocks are transposed as 4 dwords each, then dword
-// j's low nibbles are elements 4j..4j+3 of every row, its high nibbles elements 16+4j..16+4j+3.
 // Prefetch rows n0..n0+7 (those past N: none) of a [N, row_bytes] array: the next pass's weights, fetched
 // while this pass's are unpacked and multiplied. The unpacking reads 8 rows a block at a time, 8 short
 // streams the hardware prefetcher does not pick up well (its loads were ~30% of the GEMM's samples at 16
@@ -855,6 +852,9 @@ inline void prefetch_rows8(const void* base, int64_t row_bytes, int64_t n0, int6
   for (int64_t b = 0; b < rows * row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
+// Rows n0..n0+7 of an int4 weight (rows past N: zeros) into g. A block of a row is 16 bytes, byte i holding
+// elements i (low nibble) and i + 16 (high): the 8 rows' blocks are transposed as 4 dwords each, then dword
+// j's low nibbles are elements 4j..4j+3 of every row, its high nibbles elements 16+4j..16+4j+3.
 void unpack_q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, int64_t G, int64_t n0,
                     int64_t N, GemmRows& g) {
   const int64_t nb = K / QK, ng = K / G;
