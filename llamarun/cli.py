@@ -13,7 +13,14 @@ import os
 import sys
 from collections import Counter
 
+from .config import KNOWN_CONFIGS
 from .errors import LlamarunError, UsageError
+
+# Parsing the command line imports no torch (~3 s on a slow machine): --help and usage errors are instant.
+# These choices mirror convert.TARGETS / convert.DTYPES and quantize.MODES (a test keeps them equal).
+CONVERT_TARGETS = ("meta", "hf", "llama2c", "gguf")
+CONVERT_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
+QUANT_MODES = ("int8", "int4")
 
 
 def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "choice (native dtype, int8, int4), KV cache, activations, runtime overhead, "
                                     "the memory available, and the configuration llamarun would load.")
     pl.add_argument("model", nargs="?", help="checkpoint path (default: the embedded SmolLM2)")
-    pl.add_argument("--config", help="plan for a known model instead: " + ", ".join(_known_configs()))
+    pl.add_argument("--config", help="plan for a known model instead: " + ", ".join(KNOWN_CONFIGS))
     pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (a CUDA device needs no GPU "
                                                      "here when --memory is given)")
     pl.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -104,10 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16], help="batch sizes to time decode at")
     b.add_argument("--decode-tokens", type=int, default=64, help="tokens to decode per measurement")
     b.add_argument("--json", action="store_true", help="machine-readable output")
-    from . import convert, quantize
 
-    convert.add_parser(sub)
-    quantize.add_parser(sub)
+    c = sub.add_parser(
+        "convert", help="convert a checkpoint to the Meta, Hugging Face, llama2.c or GGUF format",
+        description="Convert SRC (.gguf, llama2.c .bin, Meta or HF directory) to another format at OUT. "
+                    "Tensors are processed one at a time; OUT appears only once the conversion is complete.")
+    c.add_argument("src", metavar="SRC", help="checkpoint to read")
+    c.add_argument("out", metavar="OUT", help="output path: a directory for meta/hf, a file for llama2c/gguf")
+    c.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="output format")
+    c.add_argument("--dtype", choices=CONVERT_DTYPES,
+                   help="tensor type (default: the source's float type, float32 for a quantized source); "
+                        "q8_0 for gguf and llama2c only")
+    c.add_argument("-z", "--tokenizer", help="tokenizer file, when SRC has none beside it")
+    c.add_argument("--llama2c-version", type=int, choices=[0, 1, 2],
+                   help="llama2.c layout: 0 = run.c's legacy float32 (default), 1 = float32 with a header, "
+                        "2 = Q8_0 for runq.c (default with --dtype q8_0)")
+    c.add_argument("--force", action="store_true", help="replace OUT (and a differing tokenizer.bin) if present")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    q = sub.add_parser("quantize", help="write an int8/int4 weight-quantized copy of a checkpoint",
+                       description="Quantize every linear layer of SRC (read one tensor at a time; GGUF "
+                                   "Q8_0/Q4_0/Q4_1 blocks convert losslessly) and write OUT (.safetensors). "
+                                   "OUT appears only once it is complete; an existing OUT is replaced "
+                                   "only with --force.")
+    q.add_argument("src", metavar="SRC", nargs="?", help="checkpoint to quantize (default: the embedded SmolLM2)")
+    q.add_argument("out", metavar="OUT", help="output file (.safetensors)")
+    q.add_argument("--to", dest="mode", required=True, choices=QUANT_MODES, help="weight format")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale (default: int8 per output channel, int4 32; GGUF blocks keep 32)")
+    q.add_argument("--output-mode", choices=QUANT_MODES, default=None,
+                   help="format of the output layer and a tied embedding (default: int8, the layer most "
+                        "sensitive to 4-bit rounding)")
+    q.add_argument("-z", "--tokenizer", help="tokenizer file, when the checkpoint has none beside it")
+    q.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -293,10 +329,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_configs() -> list[str]:
-    from .memory import KNOWN_CONFIGS
-
-    return list(KNOWN_CONFIGS)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

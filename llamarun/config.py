@@ -12,6 +12,29 @@ from typing import Any, Mapping
 
 from .errors import FormatError
 
+# Hyper-parameters of common models, for planning before a download (Meta's params.json values).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                        ffn_dim_multiplier=1.3, max_seq_len=4096),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                         ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=131072),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
+                        ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
+    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                         ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
+    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                         ffn_dim_multiplier=1.0, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
+    "open-llama-3b": dict(dim=3200, n_layers=26, n_heads=32, vocab_size=32000, hidden_dim=8640, max_seq_len=2048),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768, max_seq_len=256,
+                       tie_embeddings=True),
+}
+
 
 @dataclass
 class ModelArgs:

@@ -839,27 +839,6 @@ WRITERS: dict[str, Callable] = {"meta": write_meta, "hf": write_hf, "llama2c": w
 # Command line (wired into ``llamarun`` by cli.py)
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``convert SRC OUT --to FORMAT`` to the ``llamarun`` subcommands."""
-    p = subparsers.add_parser(
-        "convert", help="convert a checkpoint to the Meta, Hugging Face, llama2.c or GGUF format",
-        description="Convert SRC (.gguf, llama2.c .bin, Meta or HF directory) to another format at OUT. "
-                    "Tensors are processed one at a time; OUT appears only once the conversion is complete.")
-    p.add_argument("src", metavar="SRC", help="checkpoint to read")
-    p.add_argument("out", metavar="OUT", help="output path: a directory for meta/hf, a file for llama2c/gguf")
-    p.add_argument("--to", required=True, choices=TARGETS, help="output format")
-    p.add_argument("--dtype", choices=list(DTYPES),
-                   help="tensor type (default: the source's float type, float32 for a quantized source); "
-                        "q8_0 for gguf and llama2c only")
-    p.add_argument("-z", "--tokenizer", help="tokenizer file, when SRC has none beside it")
-    p.add_argument("--llama2c-version", type=int, choices=[0, 1, 2],
-                   help="llama2.c layout: 0 = run.c's legacy float32 (default), 1 = float32 with a header, "
-                        "2 = Q8_0 for runq.c (default with --dtype q8_0)")
-    p.add_argument("--force", action="store_true", help="replace OUT (and a differing tokenizer.bin) if present")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``llamarun convert`` from parsed arguments; returns the exit code."""
     out = convert(args.src, args.out, args.to, args.dtype, progress=not args.no_progress, force=args.force,

@@ -14,6 +14,7 @@ int8 in both quantized modes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -21,34 +22,11 @@ from typing import Any
 
 import torch
 
-from .config import ModelArgs
+from .config import KNOWN_CONFIGS, ModelArgs
 from .errors import RuntimeFailure, UsageError
 
 GiB = 1 << 30
 MiB = 1 << 20
-
-# Hyper-parameters of common models, for planning before a download (Meta's params.json values).
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=4096),
-    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, max_seq_len=4096),
-    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
-                        ffn_dim_multiplier=1.3, max_seq_len=4096),
-    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                       ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
-    "llama-3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
-                         ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=131072),
-    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
-                        ffn_dim_multiplier=1.3, rope_theta=500000.0, max_seq_len=8192),
-    "llama-3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                         ffn_dim_multiplier=1.5, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
-    "llama-3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                         ffn_dim_multiplier=1.0, rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True),
-    "open-llama-3b": dict(dim=3200, n_layers=26, n_heads=32, vocab_size=32000, hidden_dim=8640, max_seq_len=2048),
-    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
-                         rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
-    "stories15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768, max_seq_len=256,
-                       tie_embeddings=True),
-}
 
 QUANT_CHOICES = ("none", "int8", "int4")
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -111,6 +89,20 @@ def huge_pages_available() -> bool:
     except OSError:
         return False
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
+
+
+def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in a mapping of its own that asks for 2 MiB pages before its first touch
+    (torch.empty where huge pages are unavailable or the tensor is under 2 MiB). Loading fills the big
+    weights once: a 7B model's 7 GB first touched in 4 KiB pages spent ~10 s in page faults on a 2-core VM."""
+    import mmap
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE or not huge_pages_available():
+        return torch.empty(shape, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
 
 
 def _tensors_by_storage(model: torch.nn.Module) -> dict[int, tuple[Any, list]] | None:
@@ -306,8 +298,9 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
 def native_quantization(ckpt) -> dict[str, str]:
     """The quantized modes a checkpoint converts to losslessly, as make_plan's keyword arguments:
     ``native_mode`` for the layers ('int4' from Q4_0/Q4_1, 'int8' from Q8_0, else 'none') and
-    ``edge_native_mode`` for the output table (or the embedding it is tied to). A llamarun-quantized file
-    names its layers' modes (int4, int8) as their types."""
+    ``edge_native_mode`` for the output table (or the embedding it is tied to), which loads as int8: from
+    Q8_0 and Q4_0 blocks (values -8..7) without loss. A llamarun-quantized file names its layers' modes
+    (int4, int8) as their types."""
     def mode(types: list[str]) -> str:
         if types and all(t in ("Q4_0", "Q4_1", "int4") for t in types):
             return "int4"
@@ -318,7 +311,8 @@ def native_quantization(ckpt) -> dict[str, str]:
     tt = ckpt.tensor_types
     layers = [t for n, t in tt.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
     edge = tt.get("output.weight", tt.get("tok_embeddings.weight"))
-    return {"native_mode": mode(layers), "edge_native_mode": mode([edge] if edge else [])}
+    edge_mode = "int8" if edge == "Q4_0" else mode([edge] if edge else [])
+    return {"native_mode": mode(layers), "edge_native_mode": edge_mode}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------

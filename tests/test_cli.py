@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _ckpt_utils import run_cli_in_process
-from conftest import assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, run_cli
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers: int = 1) -> Path:
@@ -321,8 +321,21 @@ def test_bench_sizes_beyond_the_context(tmp_path, args, needle):
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for cmd in ("generate", "info", "bench"):
+    for cmd in ("generate", "info", "plan", "bench", "convert", "quantize"):
         assert cmd in proc.stdout
+
+
+def test_parsing_imports_no_torch():
+    """--help and usage errors answer before torch is imported (seconds on a slow machine), and the parser's
+    choices are the ones convert and quantize accept."""
+    code = ("import sys; from llamarun import cli; cli.build_parser().parse_args(['generate', '-n', '3']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    from llamarun import cli, convert, quantize
+
+    assert cli.CONVERT_TARGETS == convert.TARGETS and cli.CONVERT_DTYPES == tuple(convert.DTYPES)
+    assert cli.QUANT_MODES == quantize.MODES
 
 
 def test_quantize_then_generate(tmp_path, capsys):

@@ -8,7 +8,6 @@ output, interrupted conversions and --force.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -324,21 +323,16 @@ def test_disk_full_is_one_line(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_command_line(tiny, tmp_path, capsys):
-    """``add_parser``/``run`` as cli.py wires them: progress bar on stderr, one-line errors."""
-    from llamarun.cli import main
+    """cli.py's ``convert`` parser and ``convert.run``: progress bar on stderr, one-line errors."""
+    from llamarun.cli import build_parser, main
 
     src, _, _ = tiny
-    parser = argparse.ArgumentParser(prog="llamarun")
-    convert_mod.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf", "--dtype", "q8_0"])
+    args = build_parser().parse_args(["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf", "--dtype", "q8_0"])
     assert convert_mod.run(args) == 0
     err = capsys.readouterr().err
     assert "convert to gguf" in err and "wrote" in err
     assert load_checkpoint(tmp_path / "m.gguf").tensor_types["layers.0.attention.wq.weight"] == "Q8_0"
-    try:
-        code = main(["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf"])
-    except SystemExit:
-        pytest.skip("cli.py does not wire the convert subcommand yet")
+    code = main(["convert", str(src), str(tmp_path / "m.gguf"), "--to", "gguf"])
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
