@@ -396,7 +396,9 @@ def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_siz
 
 def _direct(t: Any, mode: str, group_size: int | None) -> Callable[[Any, tuple[int, int]], QuantizedTensor] | None:
     """The block-for-block conversion of GGUF tensor ``t`` to ``mode``, or None if there is none."""
-    return _GGUF_DIRECT.get((getattr(t.tensor_type, "name", str(t.tensor_type)), mode)) if group_size in (None, QK) else None
+    if group_size not in (None, QK):
+        return None
+    return _GGUF_DIRECT.get((getattr(t.tensor_type, "name", str(t.tensor_type)), mode))
 
 
 def _empty(mode: str, n: int, k: int) -> QuantizedTensor:

@@ -116,55 +116,58 @@ def test_info_default_model():
 
 
 @pytest.mark.parametrize("quant", [None, "Q8_0", "Q4_0"])
-def test_tiny_quantized_models_run(tmp_path, quant):
+def test_tiny_quantized_models_run(tmp_path, quant, capsys):
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, quant) if quant else None
     model = write_tiny_gguf(tmp_path / "t.gguf", weight_type=qtype)
-    proc = run_cli("generate", "-m", str(model), "ab", "-n", "3", "-t", "0", "--json")
+    proc = run_cli_in_process(["generate", "-m", str(model), "ab", "-n", "3", "-t", "0", "--json"], capsys)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["results"][0]["tokens"]) <= 3
 
 
 # ---- errors: one line, the right exit code, no traceback ----------------------------------------------
+# (through cli.main in this process, which is what `python -m llamarun` runs: a process each cost ~3 s of
+# importing torch; the tests of real processes are above and at the end)
 
-def test_missing_model_file(tmp_path):
-    assert_one_line_error(run_cli("generate", "-m", str(tmp_path / "nope.gguf"), "hi"), 2, "nope.gguf")
+def test_missing_model_file(tmp_path, capsys):
+    proc = run_cli_in_process(["generate", "-m", str(tmp_path / "nope.gguf"), "hi"], capsys)
+    assert_one_line_error(proc, 2, "nope.gguf")
 
 
-def test_not_a_gguf(tmp_path):
+def test_not_a_gguf(tmp_path, capsys):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"this is not a model at all")
-    assert_one_line_error(run_cli("generate", "-m", str(bad), "hi"), 2, "not a GGUF")
-    assert_one_line_error(run_cli("info", str(bad)), 2, "not a GGUF")
+    assert_one_line_error(run_cli_in_process(["generate", "-m", str(bad), "hi"], capsys), 2, "not a GGUF")
+    assert_one_line_error(run_cli_in_process(["info", str(bad)], capsys), 2, "not a GGUF")
 
 
 @pytest.mark.parametrize("keep", [100, 1_000_000, 50_000_000])
-def test_truncated_gguf(tmp_path, default_model_path, keep):
+def test_truncated_gguf(tmp_path, default_model_path, keep, capsys):
     cut = tmp_path / "cut.gguf"
     with open(default_model_path, "rb") as f:
         cut.write_bytes(f.read(keep))
-    assert_one_line_error(run_cli("info", str(cut)), 2, "cut.gguf", "truncated")
+    assert_one_line_error(run_cli_in_process(["info", str(cut)], capsys), 2, "cut.gguf", "truncated")
 
 
-def test_corrupted_gguf_header(tmp_path):
+def test_corrupted_gguf_header(tmp_path, capsys):
     model = write_tiny_gguf(tmp_path / "c.gguf")
     data = bytearray(model.read_bytes())
     data[8:16] = (2**62).to_bytes(8, "little")  # absurd tensor count
     model.write_bytes(bytes(data))
-    assert_one_line_error(run_cli("info", str(model)), 2, "c.gguf", "corrupted")
+    assert_one_line_error(run_cli_in_process(["info", str(model)], capsys), 2, "c.gguf", "corrupted")
 
 
-def test_unsupported_architecture(tmp_path):
+def test_unsupported_architecture(tmp_path, capsys):
     model = write_tiny_gguf(tmp_path / "g.gguf", arch="gpt2")
-    assert_one_line_error(run_cli("generate", "-m", str(model), "hi"), 2, "architecture", "gpt2")
+    assert_one_line_error(run_cli_in_process(["generate", "-m", str(model), "hi"], capsys), 2, "architecture", "gpt2")
 
 
-def test_unsupported_tensor_type(tmp_path):
+def test_unsupported_tensor_type(tmp_path, capsys):
     import gguf
 
     model = write_tiny_gguf(tmp_path / "q.gguf", weight_type=gguf.GGMLQuantizationType.Q8_1)
-    assert_one_line_error(run_cli("info", str(model)), 2, "unsupported type Q8_1")
+    assert_one_line_error(run_cli_in_process(["info", str(model)], capsys), 2, "unsupported type Q8_1")
 
 
 def test_directory_with_several_ggufs(tmp_path, capsys):
@@ -280,9 +283,9 @@ def test_no_prompt_is_a_usage_error():
     assert_one_line_error(run_cli("generate", input=""), 2, "prompt")
 
 
-def test_prompt_longer_than_context(tmp_path):
+def test_prompt_longer_than_context(tmp_path, capsys):
     model = write_tiny_gguf(tmp_path / "tiny.gguf")
-    assert_one_line_error(run_cli("generate", "-m", str(model), "x" * 100), 2, "context length 64")
+    assert_one_line_error(run_cli_in_process(["generate", "-m", str(model), "x" * 100], capsys), 2, "context length 64")
 
 
 def test_bench_json_report(tmp_path):
@@ -297,9 +300,10 @@ def test_bench_json_report(tmp_path):
     assert r["model"] == str(model) and r["device"] == "cpu"
 
 
-def test_bench_text_report(tmp_path):
+def test_bench_text_report(tmp_path, capsys):
     model = write_tiny_gguf(tmp_path / "tiny.gguf")
-    proc = run_cli("bench", "-m", str(model), "--prefill", "8", "--batch", "2", "--decode-tokens", "3")
+    proc = run_cli_in_process(["bench", "-m", str(model), "--prefill", "8", "--batch", "2", "--decode-tokens", "3"],
+                              capsys)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"model   {model}"
@@ -312,10 +316,10 @@ def test_bench_text_report(tmp_path):
     (["--prefill", "64"], "--prefill 64 does not fit the context of 64 tokens"),
     (["--prefill", "8", "--decode-tokens", "48"], "--decode-tokens 48 after a 16-token prompt does not fit"),
 ])
-def test_bench_sizes_beyond_the_context(tmp_path, args, needle):
+def test_bench_sizes_beyond_the_context(tmp_path, args, needle, capsys):
     """A length the context cannot hold is a usage error, not a line silently left out of the report."""
     model = write_tiny_gguf(tmp_path / "tiny.gguf")  # context 64
-    assert_one_line_error(run_cli("bench", "-m", str(model), *args), 2, needle)
+    assert_one_line_error(run_cli_in_process(["bench", "-m", str(model), *args], capsys), 2, needle)
 
 
 def test_help_lists_commands():
