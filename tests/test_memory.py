@@ -9,25 +9,26 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, run_cli
+from _ckpt_utils import run_cli_in_process
+from conftest import REPO, assert_one_line_error
 from llamarun.errors import RuntimeFailure, UsageError
 from llamarun.memory import GiB, config_by_name, make_plan, parse_size
 
 
-def test_llama2_7b_fp16_does_not_fit_12gib_but_int8_does():
-    proc = run_cli("plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
-                   "--max-seq-len", "2048", "--dtype", "float16", "--json")
+def test_llama2_7b_fp16_does_not_fit_12gib_but_int8_does(capsys):
+    proc = run_cli_in_process(["plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
+                               "--max-seq-len", "2048", "--dtype", "float16", "--json"], capsys)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["weights"]["float16"] > 12 * GiB  # 13.5 GB of fp16 weights alone
     assert plan["choice"] == "int8" and plan["fits"] and plan["offload_layers"] == 0
     assert "float16 needs" in plan["reason"]
-    text = run_cli("plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
-                   "--max-seq-len", "2048").stdout
+    text = run_cli_in_process(["plan", "--config", "llama-2-7b", "--device", "cuda:0", "--memory", "12GiB",
+                               "--max-seq-len", "2048"], capsys).stdout
     assert "verdict      int8" in text and "kv cache" in text
 
 
-def test_kv_cache_dtype_sizes_the_cache():
+def test_kv_cache_dtype_sizes_the_cache(capsys):
     """The plan counts the KV cache in its own dtype: float16 under float32 math on a CPU (auto) is half of
     float32's."""
     from llamarun.device import pick_kv_dtype
@@ -43,7 +44,7 @@ def test_kv_cache_dtype_sizes_the_cache():
     assert pick_kv_dtype("float32", cpu, torch.float32) == torch.float32
     with pytest.raises(UsageError, match="KV cache dtype"):
         pick_kv_dtype("int8", cpu, torch.float32)
-    out = run_cli("plan", "--kv-dtype", "float32", "--max-seq-len", "1024").stdout
+    out = run_cli_in_process(["plan", "--kv-dtype", "float32", "--max-seq-len", "1024"], capsys).stdout
     assert "(batch 1 x 1024 tokens, float32)" in out
 
 
@@ -67,18 +68,18 @@ def test_accelerator_too_small_offloads_layers():
         make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=600 * 2**20)
 
 
-def test_plan_errors_are_one_line():
-    assert_one_line_error(run_cli("plan", "--config", "llama-2-70b", "--device", "cpu", "--memory", "8GiB"), 1,
-                          "missing")
-    assert_one_line_error(run_cli("plan", "--config", "llama-9"), 2, "unknown config")
-    assert_one_line_error(run_cli("plan", "--memory", "lots"), 2, "memory size")
+def test_plan_errors_are_one_line(capsys):
+    proc = run_cli_in_process(["plan", "--config", "llama-2-70b", "--device", "cpu", "--memory", "8GiB"], capsys)
+    assert_one_line_error(proc, 1, "missing")
+    assert_one_line_error(run_cli_in_process(["plan", "--config", "llama-9"], capsys), 2, "unknown config")
+    assert_one_line_error(run_cli_in_process(["plan", "--memory", "lots"], capsys), 2, "memory size")
     with pytest.raises(UsageError):
         parse_size("12 parsecs")
     assert parse_size("12GiB") == parse_size("12 GB") == 12 * GiB
 
 
-def test_default_model_plan_prefers_lossless_int4():
-    proc = run_cli("plan", "--json")
+def test_default_model_plan_prefers_lossless_int4(capsys):
+    proc = run_cli_in_process(["plan", "--json"], capsys)
     plan = json.loads(proc.stdout)
     assert plan["choice"] == "int4" and "without loss" in plan["reason"]
     assert plan["weights"]["int4"] < plan["weights"]["int8"] < plan["weights"]["float32"]
