@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import subprocess
@@ -61,13 +63,42 @@ def llm():
     return Llama.load(device="cpu", dtype="float32", quantize="none")
 
 
+_GGUF_READERS: dict = {}
+
+
+@contextlib.contextmanager
+def hf_gguf_memoized():
+    """transformers' GGUF loading without its repeated work, which took ~25 s of the suite on a 2-core VM:
+    it parses a file's metadata with a new ``gguf.GGUFReader`` for the config, the weights and the
+    tokenizer (~5 s each for SmolLM2's 49k-token vocabulary), and rebuilds gguf's tensor-name map for
+    every tensor (~14 s). Both are pure functions of their arguments (the reader is only read from), so
+    memoizing them changes nothing that is loaded."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def cached_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = reader(path, mode)
+        return _GGUF_READERS[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 @pytest.fixture(scope="session")
 def hf_model(default_model_path):
     """HF transformers loading the same GGUF in float32: the reference implementation."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     p = default_model_path
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    with hf_gguf_memoized():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                                  dtype=torch.float32)
     return model.eval()
 
 

@@ -93,12 +93,12 @@ def test_tiny_model_stdin_echo_seed(tmp_path):
     assert a.stdout == b.stdout and a.stdout.startswith("hello")
 
 
-def test_generate_with_compiled_decode_step(tmp_path, monkeypatch):
+def test_generate_with_compiled_decode_step(tmp_path, monkeypatch, capsys):
     """--compile: same greedy text as eager, the compile announced (with the CPU note) on stderr."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = write_tiny_gguf(tmp_path / "tiny.gguf")
     args = ["generate", "-m", str(model), "-n", "6", "-t", "0", "--max-seq-len", "32", "hello"]
-    eager, compiled = run_cli(*args), run_cli(*args, "--compile")
+    eager, compiled = run_cli_in_process(args, capsys), run_cli(*args, "--compile")
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout
     assert "compiled in" in compiled.stderr and "note: on a CPU" in compiled.stderr

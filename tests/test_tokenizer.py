@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import hf_gguf_memoized
 from llamarun.errors import FormatError
 from llamarun.formats.gguf import open_reader, read_metadata
 from llamarun.tokenizer import (
@@ -79,7 +80,8 @@ def smollm(smollm_path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_smollm(smollm_path):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
+    with hf_gguf_memoized():
+        return transformers.AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
 
 
 @pytest.fixture(scope="module")
