@@ -360,7 +360,7 @@ def from_gguf_q4_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
 
 def from_gguf_q4_0_int8(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """Q4_0 blocks as int8 (values q - 8 in -8..7, the block's d as scale), group size 32. Lossless: the
-    output layer and embedding of a Q4_0 file load as int8 without a float32 round trip (~5 s of a 7B load)."""
+    output layer and embedding of a Q4_0 file load as int8 without a float32 round trip (~6 s of a 7B load)."""
     n, k = shape
     b = _blocks(raw, 18, shape)
     q = (_unpack_int4(b[:, 2:].reshape(n, k // 2)).to(torch.int8) - 8).contiguous()
@@ -426,7 +426,7 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
     n, k = shape
     if k % QK:
         raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
-    row_bytes = k // QK * _GGUF_BLOCK_BYTES[t.tensor_type.name]
+    row_bytes = k // QK * _GGUF_BLOCK_BYTES[getattr(t.tensor_type, "name", str(t.tensor_type))]
     if row_bytes * n != t.nbytes:
         raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
     step = max(1, GGUF_READ_BYTES // row_bytes)
