@@ -204,6 +204,21 @@ def _storage_range(model: torch.nn.Module) -> tuple[int, int]:
     return min(t.data_ptr() for t in tensors), max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
 
 
+def test_huge_empty():
+    """Loading's big buffers: a tensor of the asked shape and dtype that can be written and read, on a mapping
+    of its own (2 MiB-page advice) where huge pages exist and it is at least 2 MiB, else torch.empty."""
+    from llamarun import memory
+
+    big = memory.huge_empty((1024, 4096), torch.int16)  # 8 MiB
+    small = memory.huge_empty((3, 5), torch.int8)
+    for t in (big, small):
+        t.fill_(7)
+        assert t.is_contiguous() and int(t.sum()) == 7 * t.numel()
+    assert big.shape == (1024, 4096) and big.dtype == torch.int16 and small.shape == (3, 5)
+    if memory.huge_pages_available():  # frombuffer's storage is exactly the mapping
+        assert big.untyped_storage().nbytes() == 8 << 20
+
+
 @pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")
 @pytest.mark.parametrize("mode", ["none", "int4"])
 def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
