@@ -329,8 +329,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 

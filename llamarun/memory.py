@@ -14,6 +14,7 @@ int8 in both quantized modes.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -79,8 +80,10 @@ _malloc_trim: Any = None
 HUGE_PAGE = 2 * MiB
 
 
+@functools.lru_cache(maxsize=None)
 def huge_pages_available() -> bool:
-    """Whether this process can ask for transparent huge pages (Linux with THP in "always" or "madvise")."""
+    """Whether this process can ask for transparent huge pages (Linux with THP in "always" or "madvise");
+    read once (loading asks for every big tensor)."""
     import mmap
 
     try:
@@ -136,10 +139,8 @@ def pack_weights(model: torch.nn.Module) -> int:
     kept), so the old storage is freed before the next is copied, and the heap's freed pages are handed back
     every 8 MiB: the peak stays near the weights plus 8 MiB (the last few MiB are left to the caller's
     :func:`release_free_memory`, which ``Llama.load`` calls next). The arena is one private anonymous
-    mapping, rounded up to 2 MiB at most once.
+    mapping (:func:`huge_empty`), rounded up to 2 MiB at most once.
     """
-    import mmap
-
     groups = _tensors_by_storage(model)
     if not groups or not huge_pages_available():
         return 0
@@ -148,11 +149,9 @@ def pack_weights(model: torch.nn.Module) -> int:
             mod._stacks = None
     align = 64  # each storage starts on a cache line
     total = sum(-(-st.nbytes() // align) * align for st, _ in groups.values())
-    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the pages are born huge
     moved = freed = 0
     with torch.inference_mode():
-        arena = torch.frombuffer(buf, dtype=torch.uint8)  # keeps the mapping alive as long as a view of it
+        arena = huge_empty((total + HUGE_PAGE,), torch.uint8)  # its views keep the mapping alive
         offset = -arena.data_ptr() % HUGE_PAGE  # bytes into the arena's storage
         while groups:  # popped one by one: no reference to an old storage may outlive its copy
             _, (old, users) = groups.popitem()

@@ -388,17 +388,22 @@ def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_siz
     from .formats.gguf import dequantize
 
     _check_mode(mode)
-    direct = _GGUF_DIRECT.get((getattr(qtype, "name", str(qtype)), mode))
-    if direct and group_size in (None, QK):
+    direct = _direct(qtype, mode, group_size)
+    if direct:
         return direct(raw, shape)
     return quantize_tensor(dequantize(raw, qtype, shape).float(), mode, group_size)
 
 
-def _direct(t: Any, mode: str, group_size: int | None) -> Callable[[Any, tuple[int, int]], QuantizedTensor] | None:
-    """The block-for-block conversion of GGUF tensor ``t`` to ``mode``, or None if there is none."""
+def _type_name(qtype: Any) -> str:
+    """A GGUF tensor type's name: gguf's enum, or llamarun's reader's string."""
+    return getattr(qtype, "name", str(qtype))
+
+
+def _direct(qtype: Any, mode: str, group_size: int | None) -> Callable[[Any, tuple[int, int]], QuantizedTensor] | None:
+    """The block-for-block conversion of GGUF type ``qtype`` to ``mode``, or None if there is none."""
     if group_size not in (None, QK):
         return None
-    return _GGUF_DIRECT.get((getattr(t.tensor_type, "name", str(t.tensor_type)), mode))
+    return _GGUF_DIRECT.get((_type_name(qtype), mode))
 
 
 def _empty(mode: str, n: int, k: int) -> QuantizedTensor:
@@ -420,13 +425,13 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
     what the loaded model holds."""
     from .memory import GGUF_READ_BYTES
 
-    direct = _direct(t, mode, group_size)
+    direct = _direct(t.tensor_type, mode, group_size)
     if direct is None:
         return from_gguf(t.data, t.tensor_type, shape, mode, group_size)
     n, k = shape
     if k % QK:
         raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
-    row_bytes = k // QK * _GGUF_BLOCK_BYTES[getattr(t.tensor_type, "name", str(t.tensor_type))]
+    row_bytes = k // QK * _GGUF_BLOCK_BYTES[_type_name(t.tensor_type)]
     if row_bytes * n != t.nbytes:
         raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
     step = max(1, GGUF_READ_BYTES // row_bytes)
@@ -455,7 +460,7 @@ def _fused_from_gguf_file(files: list[Any], mode: str, group_size: int | None) -
     """The parts of a fused layer (GGUF file tensors of one width that all convert block for block), each
     converted straight into its rows of the result; None where that does not apply. Concatenating the
     converted parts afterwards copied every byte of the model once more (~5 s of a 7B load)."""
-    if not all(t is not None and hasattr(t, "read") and _direct(t, mode, group_size) for t in files):
+    if not all(t is not None and hasattr(t, "read") and _direct(t.tensor_type, mode, group_size) for t in files):
         return None
     shapes = [_torch_shape(t.shape) for t in files]
     if len({k for _, k in shapes}) != 1:
