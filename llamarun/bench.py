@@ -10,6 +10,8 @@ import platform
 
 import torch
 
+from . import kernels
+
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (MiB)."""
@@ -26,18 +28,21 @@ def prefill_gemm_dtype(llm) -> str:
     the batches (``Llama.batch_product``), else the dtype name of its ``dense_dtype`` (or activations)."""
     if llm.batch_product == "int8":
         return "int8"
-    return str(llm.dense_dtype or llm.dtype).replace("torch.", "")
+    dense = llm.dense_dtype
+    if dense == torch.bfloat16 and llm.dtype == torch.float32 and llm.bf16_weights and not kernels.bf16_gemm():
+        return "float32"  # bf16 weights widened into float32 GEMMs: no native bf16
+    return str(dense or llm.dtype).replace("torch.", "")
 
 
 def gemm_note(info: dict) -> str:
     """What the speed line says about the matrix products, e.g. ' (bfloat16 prefill GEMMs)' where prefill's
     run in another dtype than the activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX
     tiles)' where the kernels' tile products take the batches too, ' (int8 activations for prefill and
-    batches of 6+ rows, VNNI)' where the kernels' int8 products do (``info``: a bench report or
+    batches of 6+ rows)' where the kernels' int8 products do (``info``: a bench report or
     ``generate``'s stats, with ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
     gemm, rows, kind = info["prefill_gemm_dtype"], info.get("batch_rows"), info.get("batch_product")
     if rows and kind == "int8":
-        return f" (int8 activations for prefill and batches of {rows}+ rows, VNNI)"
+        return f" (int8 activations for prefill and batches of {rows}+ rows)"
     if gemm == info["dtype"]:
         return ""
     if rows and kind == "amx":

@@ -35,14 +35,19 @@ from .tokenizer import Tokenizer
 
 
 def _dense_dtype(requested: str | torch.dtype, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
-    """bfloat16 when a model on a CPU with native bf16 would get bf16 activations from ``dtype='auto'``: the
-    model then runs in float32 instead, so decode steps keep the kernels and the fused float32 path (bf16
+    """bfloat16 for ``dtype='auto'`` on a CPU with the kernels. With native bf16 the model would get bf16
+    activations: it runs in float32 instead, so decode steps keep the kernels and the fused float32 path (bf16
     activations would send every step through torch's per-op code), and only the large-batch GEMMs (prefill)
     use bf16: the quantized layers' dense path, or an unquantized model's bf16 weights
-    (``fastpath.bf16_weights``). None: keep ``dtype`` as it is."""
+    (``fastpath.bf16_weights``). Without native bf16 (float32 already) an unquantized model gets the bf16
+    weights too, for its decode steps' half-size weight stream (stories15M on a 2-core Zen 3: 540-555
+    tok/s against 271-274 with float32 weights); its prefill widens them into float32 GEMMs
+    (``f32_linear``) and a quantized model's GEMMs stay float32 (see :func:`_batch_products`). None: keep
+    ``dtype`` as it is."""
     from . import kernels
 
-    if requested in (None, "auto") and device.type == "cpu" and dtype == torch.bfloat16 and kernels.available():
+    if (requested in (None, "auto") and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+            and kernels.available()):
         return torch.bfloat16
     return None
 
@@ -77,14 +82,16 @@ def _load_dtypes(dtype: str | torch.dtype, kv_dtype: str | torch.dtype,
 
 def _batch_products(model: Transformer, dtype: str | torch.dtype, device: torch.device,
                     dense: torch.dtype | None) -> None:
-    """The quantized layers' large-batch products: bf16 GEMMs (and AMX tiles) where ``dense`` says so; with
+    """The quantized layers' large-batch products: bf16 GEMMs (and AMX tiles) where ``dense`` says so and
+    the CPU has native bf16 (without it torch's bf16 GEMMs are emulated: float32 ones stay); with
     ``dtype='auto'`` on a CPU, batches without tiles (prefill's included) get the kernels' int8-activation
     products where they have them (``quantize.set_int8_batches``), and prefill's attention keeps ``dense``.
     An explicit float32 keeps single rows and small batches on int16 activations, large ones on float32
     GEMMs."""
+    from .device import cpu_has_fast_bf16
     from .quantize import QuantizedLinear, set_dense_dtype, set_int8_batches
 
-    if dense is not None:
+    if dense is not None and (device.type != "cpu" or cpu_has_fast_bf16()):
         set_dense_dtype(model, dense)
     tiles = any(m.batch_rows for m in model.modules() if isinstance(m, QuantizedLinear))
     if dtype == "auto" and device.type == "cpu" and not tiles:
@@ -409,18 +416,25 @@ class Llama:
         return None
 
     @property
+    def bf16_weights(self) -> bool:
+        """Whether the model holds bfloat16 weights under float32 activations (``fastpath.bf16_weights``)."""
+        from .fastpath import Bf16Linear
+
+        return any(isinstance(m, Bf16Linear) for m in self.model.modules())
+
+    @property
     def batch_rows(self) -> int:
         """Activation rows from which the quantized layers use the kernels' batch products (bf16 tiles with
-        AMX, else int8 activations with AVX-512 VNNI; prefill's included; see ``quantize.BATCH_MIN_ROWS``),
-        or 0 where they don't."""
+        AMX, else int8 activations with AVX-512 VNNI, or for int4 layers with AVX2; prefill's included; see
+        ``quantize.BATCH_MIN_ROWS``), or 0 where none does."""
         from .quantize import QuantizedLinear
 
-        return next((m.batch_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), 0)
+        return max((m.batch_rows for m in self.model.modules() if isinstance(m, QuantizedLinear)), default=0)
 
     @property
     def batch_product(self) -> str | None:
         """Which batch products the quantized layers use from ``batch_rows`` rows: "amx" (bf16 tiles),
-        "int8" (int8 activations, AVX-512 VNNI), or None."""
+        "int8" (int8 activations: AVX-512 VNNI, or AVX2 for int4 layers), or None."""
         from . import kernels
 
         if not self.batch_rows:
@@ -441,9 +455,9 @@ class Llama:
         a mode. ``memory`` (bytes) overrides the budget the device reports. The context defaults to the
         model's, capped at 4096 tokens (``max_seq_len`` raises it); ``max_batch_size`` (default 1 for the plan,
         no limit for generation) is what the plan reserves KV cache for. ``kv_dtype`` is the KV cache's dtype
-        (``auto``: float16 under float32 math on a CPU, else the model's dtype). ``dtype='auto'`` on a CPU with
-        native bf16 (AVX512-BF16, AMX) gives a quantized model float32 activations with bf16 prefill GEMMs
-        (``dense_dtype``), an unquantized one bf16. Raises RuntimeFailure, before allocating, when nothing fits.
+        (``auto``: float16 under float32 math on a CPU, else the model's dtype). ``dtype='auto'`` on a CPU
+        gives float32 activations; with native bf16 (AVX512-BF16, AMX) a quantized model's prefill GEMMs are
+        bf16 (``dense_dtype``); an unquantized model gets bf16 weights (with the kernels). Raises RuntimeFailure, before allocating, when nothing fits.
         """
         from .memory import native_quantization
 

@@ -133,7 +133,14 @@ def _int8_reference(x: torch.Tensor, qt) -> torch.Tensor:
     return xq @ qt.dequantize(torch.float64).t()
 
 
-needs_int8 = pytest.mark.skipif(not kernels.int8_batches(), reason="no AVX-512 VNNI int8 products on this CPU")
+needs_int8 = pytest.mark.skipif(not kernels.int8_batches("int4"), reason="no int8 batch products on this CPU")
+
+
+def _skip_without_int8(mode: str) -> None:
+    if kernels.bf16_tiles():
+        pytest.skip("this CPU takes batches to the bf16 tiles")
+    if not kernels.int8_batches(mode):
+        pytest.skip(f"no int8 batch products for {mode} weights on this CPU (AVX2: int4 only)")
 
 
 @needs_int8
@@ -146,11 +153,10 @@ def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
     """Without AMX tiles, batches from the op's row threshold on run with x rounded to int8 per 32-block:
     the same sums as the float64 reference of that rounding, block counts that are not a multiple of 4 or 8
     included (the tails are masked loads), and from 16 rows through the int8 GEMM (16-row tiles; 150 rows:
-    a partial tile and two passes of 8 tiles; output widths not a multiple of its 8 rows). The error against
-    float x stays near llama.cpp's (Q8 activations). Below the threshold the same op runs the int16 kernel,
-    bit for bit."""
-    if kernels.bf16_tiles():
-        pytest.skip("this CPU takes batches to the bf16 tiles")
+    a partial tile and two passes of 8 tiles; output widths not a multiple of its 8 rows; with AVX2 the GEMM
+    takes every batch, half tiles of 8 rows included). The error against float x stays near llama.cpp's (Q8
+    activations). Below the threshold the same op runs the int16 kernel, bit for bit."""
+    _skip_without_int8(mode)
     qt = Q.quantize_tensor(_random_weight(n, k, seed=n + k), mode, g)
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
@@ -167,10 +173,9 @@ def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
                                         ("int8", 8, 224, None)])
 def test_int8_gemm_agrees_with_the_row_kernel(mode, n, k, g):
     """From 16 rows the int8 products run as a GEMM (16 activation rows in a register's lanes): the same
-    rounded inputs and integer block sums as the row kernel below 16 rows, so every row agrees with what
-    the row kernel gives it, to float32 rounding."""
-    if kernels.bf16_tiles():
-        pytest.skip("this CPU takes batches to the bf16 tiles")
+    rounded inputs and integer block sums as the row kernel below 16 rows (with AVX2: the GEMM's half tiles),
+    so every row agrees with what the row kernel gives it, to float32 rounding."""
+    _skip_without_int8(mode)
     qt = Q.quantize_tensor(_random_weight(n, k, seed=n), mode, g)
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(37, k, generator=torch.Generator().manual_seed(k))
@@ -184,8 +189,7 @@ def test_int8_batches_follow_set_int8_batches():
     """set_int8_batches gives layers the row threshold, and every larger batch (prefill's included) goes to
     the int8 products instead of the dense path; rows=0 turns it off: the layer's output is then the int16
     kernel's again, and large batches dequantize + GEMM."""
-    if kernels.bf16_tiles():
-        pytest.skip("this CPU takes batches to the bf16 tiles")
+    _skip_without_int8("int4")
     model = torch.nn.Sequential(Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 5), "int4", 32)))
     layer = model[0]
     x = torch.randn(Q.BATCH_MIN_ROWS, 128)
@@ -201,6 +205,42 @@ def test_int8_batches_follow_set_int8_batches():
     assert layer.batch_rows == 0 and torch.equal(layer(x), int16)
     assert layer.dense_min_rows == Q.DENSE_MIN_ROWS["int4"]
     torch.testing.assert_close(layer(big), big @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)  # dense path
+
+
+@needs_int8
+def test_set_int8_batches_switches_every_layer():
+    """Every quantized layer's batches stay in the kernels: int8 products where the CPU has them for its
+    weights; int8 weights on AVX2 without VNNI keep the int16 kernel, bit for bit, at every batch size
+    (no dense path). rows=0 switches all back."""
+    _skip_without_int8("int4")
+    layers = [Q.make_linear(Q.quantize_tensor(_random_weight(32, 64, i), mode, 32)) for i, mode in
+              enumerate(("int4", "int8"))]
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(2 * Q.DENSE_MIN_ROWS["int8"], 64)
+    int16 = layers[1]._kernel(x)
+    assert Q.set_int8_batches(model) == 2
+    assert all(m.batch_rows == Q.BATCH_MIN_ROWS and m.dense_min_rows == 1 << 62 for m in layers)
+    y = layers[1](x)
+    if kernels.int8_batches("int8"):
+        assert (y.double() - _int8_reference(x, layers[1].qtensor)).abs().max() <= 1e-5 * y.abs().max()
+    else:
+        assert torch.equal(y, int16)
+    assert Q.set_int8_batches(model, 0) == 2 and not any(m.batch_rows for m in layers)
+
+
+@needs_int8
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("m", [7, 16, 40])
+def test_int8_batches_keep_nan_in_its_row(mode, m):
+    """A NaN input reaches its own row's outputs through the int8 rounding (a block's largest magnitude would
+    drop it: NaN compares false) and no other row's, in the row kernel, a GEMM tile and a half tile alike."""
+    _skip_without_int8(mode)
+    qt = Q.quantize_tensor(_random_weight(24, 96, 3), mode, 32)
+    op, args = Q.make_linear(qt)._kernel_args()
+    x = torch.randn(m, 96)
+    x[m // 2, 40] = float("nan")
+    y = op(x, *args[:-1], 1)
+    assert y.isnan().any(dim=1).tolist() == [i == m // 2 for i in range(m)]
 
 
 @needs_kernels

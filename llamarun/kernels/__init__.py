@@ -213,10 +213,22 @@ def bf16_tiles() -> bool:
     return available() and bool(torch.ops.llamarun.bf16_tiles())
 
 
-def int8_batches() -> bool:
-    """True if the kernels have int8-activation products for batches (built for a CPU with AVX-512 VNNI;
-    see ``quantize.set_int8_batches``)."""
-    return available() and torch.ops.llamarun.simd_level() >= 3
+def bf16_gemm() -> bool:
+    """True if the kernels were built for a CPU with native bf16 arithmetic (AVX512-BF16 or AMX): a bfloat16
+    weight's large products (``f32_linear``) are then bf16 GEMMs, else float32 GEMMs over the weight widened
+    a tile at a time."""
+    return available() and bool(torch.ops.llamarun.bf16_gemm())
+
+
+def int8_batches(mode: str = "int4") -> bool:
+    """True if the kernels have int8-activation products for batches of ``mode`` ("int4" / "int8") weights
+    (see ``quantize.set_int8_batches``): both with AVX-512 VNNI, int4 with AVX2 (vpmaddubsw takes the 4-bit
+    weights as its unsigned operand; int8 weights would need two products per input pair, no faster than
+    the int16 kernel)."""
+    if not available():
+        return False
+    level = torch.ops.llamarun.simd_level()
+    return level >= 3 or (level >= 2 and mode == "int4")
 
 
 def set_num_threads(n: int | None) -> int:

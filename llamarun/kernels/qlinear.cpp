@@ -603,7 +603,11 @@ struct Int8Rows {
 // results agree (the tests compare them).
 inline void quantize_block_i8(const float* x, __m128i& lo, __m128i& hi, float& d, float& s) {
   const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  // NaN anywhere in the block makes d NaN (max would drop it), so that it reaches the products as it does in
+  // float arithmetic.
+  const float amax = _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q)
+                         ? NAN
+                         : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
   const __m512 mul = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
   // cvtps_epi32 rounds to nearest even (MXCSR default), as the int16 quantizer's round does.
   const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, mul)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, mul));
@@ -739,8 +743,42 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
     for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = hsum(acc[r]) + hsum(macc[r]);
   }
 }
+#endif  // LLAMARUN_AVX512
 
-// ---- int8 GEMM for batches of 16+ rows (AVX-512 VNNI) ---------------------------------------------------
+#ifdef LLAMARUN_AVX2
+#ifndef LLAMARUN_AVX512
+// AVX2's form of the int8 rounding above (the GEMM's inputs): the same values, d, s, NaN included.
+inline void quantize_block_i8(const float* x, __m128i& lo, __m128i& hi, float& d, float& s) {
+  __m256 v[4], m = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm256_loadu_ps(x + 8 * k);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+  }
+  const __m256 nan = _mm256_or_ps(_mm256_cmp_ps(v[0], v[1], _CMP_UNORD_Q), _mm256_cmp_ps(v[2], v[3], _CMP_UNORD_Q));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm256_movemask_ps(nan) ? NAN : _mm_cvtss_f32(m4);
+  const __m256 mul = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m256i i[4];
+  for (int k = 0; k < 4; ++k) i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], mul));
+  // The packs work within 128-bit lanes: each one is followed by a permute back to element order.
+  const __m256i w0 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[0], i[1]), 0xD8);  // int16, elements 0..15
+  const __m256i w1 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i[2], i[3]), 0xD8);  // 16..31
+  const __m256i q = _mm256_permute4x64_epi64(_mm256_packs_epi16(w0, w1), 0xD8);
+  lo = _mm256_castsi256_si128(q);
+  hi = _mm256_extracti128_si256(q, 1);
+  d = amax / 127.0f;
+  __m256i t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4E));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xB1));
+  s = d * static_cast<float>(_mm_cvtsi128_si32(t4));
+}
+#endif
+
+// ---- int8 GEMM for batches (AVX-512 VNNI: from 16 rows; AVX2: int4 weights, every batch) ----------------
 // From GEMM_MIN_ROWS activation rows the int8 products turn around: each 512-bit register holds one output
 // column for 16 activation rows (its lanes), and vpdpbusd multiplies 4 inputs of each of the 16 rows
 // (unsigned: the int8 value + 128) by the same 4 weights, broadcast from memory (signed bytes). A weight
@@ -757,7 +795,7 @@ constexpr int64_t GEMM_TILES = 8;    // activation tiles (of 16 rows) per pass o
 // x's rows in tiles of 16: for tile t, block b, dword j (inputs 4j..4j+3), the 16 rows' 4 bytes side by side.
 struct Int8Tiles {
   int64_t nb = 0, tiles = 0;
-  std::vector<uint32_t> q;  // [tiles][nb * 8][16] the rows' int8 inputs + 128 (lanes past M: 0 + 128)
+  std::vector<uint32_t> q;  // [tiles][nb * 8][16] the rows' int8 inputs (+ 128 for vpdpbusd: AVX-512; lanes past M: 0)
   std::vector<float> d;     // [tiles][nb][16] block scales (0 past M)
   std::vector<float> s;     // [tiles][nb][16] d * sum of the block's rounded inputs (int4's min term)
 };
@@ -771,7 +809,12 @@ void quantize_tiles_i8(const float* x, int64_t M, int64_t K, Int8Tiles& a) {
     a.d.resize(a.tiles * nb * 16);
     a.s.resize(a.tiles * nb * 16);
   }
-  const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
+#ifdef LLAMARUN_AVX512
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));  // vpdpbusd's unsigned operand
+#else
+  const __m128i bias = _mm_setzero_si128();  // vpmaddubsw's signed operand (the weights are the unsigned one)
+#endif
+  const uint32_t pad = static_cast<uint32_t>(_mm_cvtsi128_si32(bias));  // an input of 0
   parallel_rows(a.tiles * 16, std::max<int64_t>(16, (1 << 14) / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       uint32_t* q = a.q.data() + (m / 16) * nb * 8 * 16 + m % 16;
@@ -780,7 +823,7 @@ void quantize_tiles_i8(const float* x, int64_t M, int64_t K, Int8Tiles& a) {
       for (int64_t b = 0; b < nb; ++b) {
         alignas(16) uint32_t w[8];
         if (m >= M) {
-          std::fill(w, w + 8, 0x80808080u);
+          std::fill(w, w + 8, pad);
           d[b * 16] = s[b * 16] = 0.0f;
         } else {
           __m128i q0, q1;
@@ -815,6 +858,7 @@ struct GemmRows {
 };
 static_assert(GEMM_NR == 8, "the weight layout transposes 8 rows");
 
+#ifdef LLAMARUN_AVX512
 // c[b][r] = -128 x the sums of the block's 8 dwords of each row: v[j] holds dword j of the 8 rows. Signed
 // weights (int8) go in as vpdpbusd's signed operand against ones, unsigned ones (int4) as the unsigned.
 inline void block_sums8(const __m256i v[8], bool is_signed, int32_t* c) {
@@ -823,6 +867,7 @@ inline void block_sums8(const __m256i v[8], bool is_signed, int32_t* c) {
   for (int j = 0; j < 8; ++j) s = is_signed ? _mm256_dpbusd_epi32(s, ones, v[j]) : _mm256_dpbusd_epi32(s, v[j], ones);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(c), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(s, 7)));
 }
+#endif
 
 // out[b][r] = the float16 group values (scales or mins) of rows row[0..7] for each block b: 8 blocks at a
 // time through an 8 x 8 transpose where each block has its own group (G = 32), else one by one.
@@ -887,12 +932,15 @@ void unpack_q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int6
     }
     __m256i* out = reinterpret_cast<__m256i*>(g.wt.data() + b * 64);
     for (int j = 0; j < 8; ++j) _mm256_storeu_si256(out + j, v[j]);
+#ifdef LLAMARUN_AVX512
     block_sums8(v, false, g.c.data() + b * 8);
+#endif
   }
   group_values_rows8(sr, nb, G / QK, g.sc.data());
   group_values_rows8(zr, nb, G / QK, g.mn.data());
 }
 
+#ifdef LLAMARUN_AVX512
 // Rows n0..n0+7 of an int8 weight (rows past N: zeros) into g: 8 x 8 dword transposes of the rows' blocks.
 void unpack_q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, int64_t n0, int64_t N, GemmRows& g) {
   const int64_t nb = K / QK, ng = K / G;
@@ -917,9 +965,10 @@ void unpack_q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, in
   std::fill(g.mn.begin(), g.mn.begin() + nb * 8, 0.0f);
 }
 
-// The GEMM_NR unpacked rows times activation tile t: out[r][lane] = row r's product with row 16t + lane.
+// The GEMM_NR unpacked rows times activation tile t: out[r][lane] = row r's product with row 16t + lane
+// (lanes: the tile's rows that exist).
 template <bool kMin>
-void gemm_i8_tile(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, float* out) {
+void gemm_i8_tile(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, int lanes, float* out) {
   const int64_t nb = K / QK;
   const uint32_t* xq = a.q.data() + t * nb * 8 * 16;
   const float* xd = a.d.data() + t * nb * 16;
@@ -949,7 +998,78 @@ void gemm_i8_tile(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, f
   for (int r = 0; r < GEMM_NR; ++r) _mm512_store_ps(out + r * 16, f[r]);
 }
 
-#endif
+#else
+// AVX2 (no VNNI): a 256-bit register holds one output column for 8 activation rows (half a tile), and
+// vpmaddubsw multiplies a dword of 4 int4 weights (broadcast: its unsigned operand, 0..15) by 4 int8 inputs
+// of each of the 8 rows (signed), summing pairs into int16. A block's 8 dwords add up in int16 without
+// overflow (|sum| <= 8 x 2 x 15 x 127 = 30480); one vpmaddwd by ones then widens the pairs into the rows'
+// int32 block sums. Per 32-block and 8 rows: 8 vpmaddubsw + 8 vpaddw per weight row, where the int16 row
+// kernel spends 16 vpmaddwd + 8 vpaddd. The multiplies are the bound: Zen 3 issues one vpmaddubsw per cycle,
+// 32 x 2.45 GHz = 78 GMAC/s per core, and this measured 74-77 at 512 rows, 61 at 16 (where the unpacking
+// weighs more); the int16 kernel 31-34. kTwo: both halves of the tile (16 rows), each broadcast weight used
+// twice; else the first 8 rows only.
+template <bool kTwo>
+void gemm_i8_tile_avx2(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, float* out) {
+  constexpr int H = kTwo ? 2 : 1;
+  const int64_t nb = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  // Plain pointers: with the vectors' own, GCC reloads them (a thread-local's address: a call) every block.
+  const uint32_t* const wt = g.wt.data();
+  const float *const gsc = g.sc.data(), *const gmn = g.mn.data();
+  const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q.data() + t * nb * 8 * 16);
+  const float* xd = a.d.data() + t * nb * 16;
+  const float* xs = a.s.data() + t * nb * 16;
+  for (int r = 0; r < GEMM_NR; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + r * 16 + 8 * h, _mm256_setzero_ps());
+  // 4 weight rows at a time: 8 int16 sums (4 rows x 2 halves), the inputs and a broadcast fill 11 of the 16
+  // registers; the float sums accumulate in `out` (L1).
+  for (int r0 = 0; r0 < GEMM_NR; r0 += 4) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint32_t* w = wt + b * 8 * GEMM_NR + r0;
+      const uint8_t* xb = xq + b * 8 * 64;
+      __m256i acc[4][H];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        // In registers, loaded once: GCC otherwise folds the load into each of the 4 products that use it, and
+        // the loads (not the products) become the bound. (Plain variables: an array would live in memory.)
+        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j * 64)), x1 = x0;
+        if (kTwo) x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + j * 64 + 32));
+        __asm__("" : "+x"(x0), "+x"(x1));
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const __m256i wv = _mm256_set1_epi32(static_cast<int32_t>(w[j * GEMM_NR + r]));
+#pragma GCC unroll 2
+          for (int h = 0; h < H; ++h) {
+            const __m256i p = _mm256_maddubs_epi16(wv, h ? x1 : x0);
+            acc[r][h] = j ? _mm256_add_epi16(acc[r][h], p) : p;
+            // Keeps each sum a chain: re-associated into trees, all 64 products would be live at once.
+            __asm__("" : "+x"(acc[r][h]));
+          }
+        }
+      }
+      for (int h = 0; h < H; ++h) {
+        const __m256 dv = _mm256_loadu_ps(xd + b * 16 + 8 * h), sv = _mm256_loadu_ps(xs + b * 16 + 8 * h);
+        for (int r = 0; r < 4; ++r) {
+          float* o = out + (r0 + r) * 16 + 8 * h;
+          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][h], ones));
+          const __m256 f = _mm256_fmadd_ps(p, _mm256_mul_ps(dv, _mm256_broadcast_ss(gsc + b * GEMM_NR + r0 + r)), _mm256_loadu_ps(o));
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(sv, _mm256_broadcast_ss(gmn + b * GEMM_NR + r0 + r), f));
+        }
+      }
+    }
+  }
+}
+
+template <bool kMin>
+void gemm_i8_tile(const GemmRows& g, int64_t K, const Int8Tiles& a, int64_t t, int lanes, float* out) {
+  static_assert(kMin, "AVX2's GEMM takes int4 weights (unsigned) only");
+  if (lanes > 8)
+    gemm_i8_tile_avx2<true>(g, K, a, t, out);
+  else
+    gemm_i8_tile_avx2<false>(g, K, a, t, out);
+}
+#endif  // LLAMARUN_AVX512
+#endif  // LLAMARUN_AVX2
 
 // ---- checks and the ops ---------------------------------------------------------------------------
 // Scales and mins are float16 values, passed as float16 or as int16 tensors holding float16 bits (the
@@ -1209,7 +1329,7 @@ bool use_amx(int64_t batch_rows, int64_t M, int64_t N) {
   return batch_rows > 0 && M >= batch_rows && N % 16 == 0 && amx_ready();
 }
 
-#ifdef LLAMARUN_AVX512
+#ifdef LLAMARUN_AVX2
 // y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n0, rows) puts weight rows n0..n0+7 into rows.
 template <bool kMin, typename Unpack>
 at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack) {
@@ -1235,8 +1355,8 @@ at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack
         const int rows = static_cast<int>(std::min<int64_t>(GEMM_NR, N - n0));
         unpack(n0, g);
         for (int64_t t = t0; t < std::min(a.tiles, t0 + GEMM_TILES); ++t) {
-          gemm_i8_tile<kMin>(g, K, a, t, out);
           const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
+          gemm_i8_tile<kMin>(g, K, a, t, lanes, out);
           for (int l = 0; l < lanes; ++l) {
             float* yr = Y + (t * 16 + l) * N + n0;
             for (int r = 0; r < rows; ++r) yr[r] = out[r * 16 + l];
@@ -1286,7 +1406,8 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
 // The two linear ops (declared in kernels.h: layers.cpp calls them directly). Products of at least
 // batch_rows activation rows (0 = never) run as bf16 tile products where the CPU has AMX and N is a multiple
 // of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8; from GEMM_MIN_ROWS rows
-// the int8 GEMM); anything else, and every product on other CPUs, with int16 activations.
+// the int8 GEMM), and with AVX2 int4 ones as the int8 GEMM; anything else, and every product on other CPUs,
+// with int16 activations.
 namespace llamarun_kernels {
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
@@ -1339,6 +1460,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                                       },
                                       [&](auto R, const Int8Activations& a, int64_t m0, int64_t n0, int64_t n1,
                                           float* out) { q4_rows_i8<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
+#elif defined(LLAMARUN_AVX2)
+  if (batch_rows > 0 && x.numel() / K >= batch_rows)
+    return gemm_i8_op<true>(x, N, K, [&](int64_t n0, GemmRows& g) { unpack_q4_rows(W, S, Z, K, group_size, n0, N, g); });
 #endif
   return linear_op(x, N, K, K / 2, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                        float* out) { q4_rows<R>(W, S, Z, K, group_size, a, m0, n0, n1, out, N); });
