@@ -33,7 +33,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
     p.add_argument("-z", "--tokenizer", help="tokenizer file, when the checkpoint has none beside it")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: bf16/fp16 on GPU; on a CPU float32 activations, with unquantized weights in bf16 where it has native bf16)")
+                   help="weights and activations dtype (auto: bf16/fp16 on GPU; on a CPU float32 activations, with unquantized weights in bf16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's, at most 4096)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

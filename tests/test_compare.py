@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import load_script
-from llamarun import device
+from llamarun import device, kernels
 from test_cli import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_quick_run_llamarun_only(tiny_gguf, tmp_path):
     assert meta["context"] == [20, 60]
     assert meta["threads"] == 1 and meta["same_prompts"] == "yes"
     assert list(report["results"]) == ["llamarun auto", "llamarun none"]
-    want_dtype = "bf16" if device.cpu_has_fast_bf16() else "fp32"
+    want_dtype = "bf16" if device.cpu_has_fast_bf16() or kernels.available() else "fp32"
     for name, r in report["results"].items():
         assert "error" not in r, (name, r)
         assert r["engine"] == "llamarun" and r["threads"] == 1
@@ -57,7 +57,7 @@ def test_quick_run_llamarun_only(tiny_gguf, tmp_path):
         # 20 + 4 decode steps fit the 64-token context; 60 + 4 do not: noted, not failed
         assert set(r["context"]) == {"20"} and r["context"]["20"] > 0
         assert any("decode at 60 tokens of context" in n for n in r["notes"]), r["notes"]
-        # The tiny model is float32 and unquantized: bf16 where the CPU has native bf16 arithmetic
+        # The tiny model is float32 and unquantized: bf16 weights with the kernels (or native bf16)
         assert r["peak_rss_mib"] > 0 and r["weights"] == want_dtype and r["kernels"] == "n/a"
         assert set(r["engine_reported"]["decode"]) == {"1", "8"}
         assert r["cpu_wait"] is None or r["cpu_wait"] >= 0  # a share of time, whatever the machine's load

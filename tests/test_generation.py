@@ -110,7 +110,7 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     from llamarun import kernels
     from llamarun.quantize import BATCH_MIN_ROWS
 
-    # Batches: the bf16 tiles with AMX, else int8 products with VNNI.
+    # Batches: the bf16 tiles with AMX, else int8 products (VNNI; AVX2: the int4 layers).
     assert llm.batch_rows == (BATCH_MIN_ROWS if kernels.bf16_tiles() or kernels.int8_batches() else 0)
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 6)
     assert len(prompt) >= 64  # the int4 layers' dense (GEMM) path
@@ -125,7 +125,7 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
         fp32 = llm.model(tokens, 0)[0]
     assert not torch.equal(bf16, fp32)  # the GEMMs did change
     assert torch.equal(bf16.argmax(-1)[-8:], fp32.argmax(-1)[-8:])
-    # With VNNI and no AMX the int8 products take prefill too (x rounded to int8, as llama.cpp does): measured
+    # Without AMX the int8 products take prefill too (x rounded to int8, as llama.cpp does): measured
     # max 1.63, cosine 0.992 on this prompt, where bf16 GEMMs give 0.47 and 0.998.
     assert (bf16 - fp32).abs().max() < (2.5 if int8 else 1.0)
     assert F.cosine_similarity(bf16, fp32, dim=-1).min() > (0.985 if int8 else 0.995)
@@ -139,7 +139,7 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "bfloat16", "batch_rows": 6,
                       "batch_product": "amx"}) == " (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX tiles)"
     assert gemm_note({"dtype": "float32", "prefill_gemm_dtype": "int8", "batch_rows": 6,
-                      "batch_product": "int8"}) == " (int8 activations for prefill and batches of 6+ rows, VNNI)"
+                      "batch_product": "int8"}) == " (int8 activations for prefill and batches of 6+ rows)"
     assert Llama.load(None, dtype="bfloat16").dtype == torch.bfloat16
     # Unquantized: bf16 weights under float32 activations, decoding through the one-op layer stack; an
     # explicit bfloat16 keeps bf16 activations.
@@ -151,10 +151,10 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert Llama.load(None, quantize="none", dtype="bfloat16").dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs AVX-512 VNNI")
+@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs int8 batch products")
 def test_batches_use_int8_products_without_bf16(monkeypatch):
-    """On a CPU with VNNI and no native bf16 (simulated), dtype 'auto' gives the quantized default model's
-    batches of 6+ rows int8-activation products; their logits stay close to the int16 kernels' (which an
+    """On a CPU with int8 batch products (VNNI, or AVX2 for int4 weights) and no native bf16 (simulated),
+    dtype 'auto' gives the quantized default model's batches of 6+ rows int8-activation products; their logits stay close to the int16 kernels' (which an
     explicit float32 keeps), and the generate speed line says which products ran."""
     from llamarun import device
     from llamarun.quantize import BATCH_MIN_ROWS, set_int8_batches
@@ -204,8 +204,12 @@ def test_plan_and_info_print_the_plan_load_follows(monkeypatch, capsys, bf16_cpu
         f"int4 on cpu, {_fmt(llm.plan.weights_on_device)} weights, ")
     assert cli.main(["plan", "--json", "--quantize", "none"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    # Unquantized on a bf16 CPU: bf16 weights (the plan's dtype) under float32 activations, float16 KV cache.
-    assert (plan["dtype"], plan["kv_dtype"]) == ("bfloat16" if bf16_cpu else "float32", "float16")
+    # Unquantized: bf16 weights (the plan's dtype) under float32 activations, float16 KV cache (with the
+    # kernels, whether or not the CPU has native bf16).
+    from llamarun import kernels
+
+    assert (plan["dtype"], plan["kv_dtype"]) == ("bfloat16" if bf16_cpu or kernels.available() else "float32",
+                                                 "float16")
 
 
 def test_temperature_zero_is_argmax():
@@ -519,7 +523,7 @@ def test_api_misuse_is_a_usage_error():
     assert llm.generate(torch.tensor([[1, 2]]), 2, temperature=0) == want
 
 
-@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs AVX-512 VNNI")
+@pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs int8 batch products")
 def test_prefill_in_the_kernels_runs_torch_on_one_thread():
     """Where a prefill's products and attention all run in the kernels' pool (int8 batch products, the
     kernels' attention), torch runs on one thread meanwhile (its OpenMP workers would spin and take the

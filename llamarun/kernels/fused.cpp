@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -282,8 +283,33 @@ at::Tensor silu_mul(const at::Tensor& x) {
 // a stream of weights from memory; MKL's gemv reaches 12-14 GB/s on these shapes, this ~17 (and torch's
 // bf16 F.linear 8-10). More rows (prefill, big batches) go to torch's GEMM, which reuses each weight tile
 // across them: float32 (MKL), or bfloat16 for a bfloat16 weight (x rounded to bf16: oneDNN's AVX512-BF16
-// or AMX GEMM).
+// or AMX GEMM). Without native bf16 (AVX2), where torch's bf16 GEMM is emulated and several times slower,
+// a bfloat16 weight is widened to float32 a few MiB of rows at a time for MKL's float32 GEMM instead.
 constexpr int64_t kF32PoolRows = 4;
+
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
+constexpr bool kNativeBf16 = true;
+#else
+constexpr bool kNativeBf16 = false;
+#endif
+
+bool bf16_gemm() { return kNativeBf16; }
+
+// x [M, K] @ w [N, K]^T for a bfloat16 w on a CPU without native bf16: w's rows widened in tiles (~4 MiB of
+// float32), each tile's product written straight into its columns of y (BLAS takes y's row stride).
+at::Tensor widened_linear(const at::Tensor& x, const at::Tensor& w, int64_t M, int64_t N, int64_t K) {
+  const at::Tensor x2 = x.reshape({M, K});
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t tile = std::max<int64_t>(16, (int64_t{4} << 20) / (4 * std::max<int64_t>(1, K)));
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n = std::min(tile, N - n0);
+    at::Tensor out = y.narrow(1, n0, n);
+    at::mm_out(out, x2, w.narrow(0, n0, n).to(at::kFloat).t());
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.view(shape);
+}
 
 template <typename W>
 void rows_linear(const float* X, const W* Wt, float* Y, int64_t M, int64_t N, int64_t K) {
@@ -300,7 +326,10 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
               "weight must be a contiguous float32 or bfloat16 CPU tensor");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x [..., K] and weight [N, K] do not match");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
-  if (M > kF32PoolRows) return bf16 ? at::linear(x.to(at::kBFloat16), w).to(at::kFloat) : at::linear(x, w);
+  if (M > kF32PoolRows) {
+    if (!bf16) return at::linear(x, w);
+    return kNativeBf16 ? at::linear(x.to(at::kBFloat16), w).to(at::kFloat) : widened_linear(x, w, M, N, K);
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
@@ -922,6 +951,7 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("silu_mul(Tensor x) -> Tensor");
   m.def("rope(Tensor x, Tensor rope) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("bf16_gemm() -> bool", &llamarun_kernels::bf16_gemm);
   m.def("argmax(Tensor x) -> Tensor");
   m.def("top_candidates(Tensor x, int k, float temperature) -> Tensor[]");
   m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start) -> Tensor");
