@@ -5,7 +5,8 @@
     python benchmarks/kernel_bench.py --no-kernels -M 1  # model decode only, batch 1
     python benchmarks/kernel_bench.py --no-kernels --no-model --handoff  # the thread pool's hand-off cost
 
-Kernels: for each SmolLM2-135M linear shape, y = x @ W^T at M activation rows, with the weights of every
+Kernels: for each SmolLM2-135M linear shape, y = x @ W^T at M activation rows (from 6 rows also the
+int8-activation batch products, where the CPU has them), with the weights of every
 variant in several copies (> 2x the L3 cache together) that the timing loop cycles through, so weights
 stream from DRAM as they do in a real forward pass instead of sitting in cache. Variants run
 interleaved (round-robin) and the best of several rounds is kept, which damps the noise of a shared
@@ -85,6 +86,11 @@ def kernel_table(ms: list[int], shapes: list[str], rounds: int, baselines: bool)
                 if m >= 16:  # the two paths the layer chooses between, each on its own
                     v[f"{label} int-kernel"] = (lambda i, mods=mods: mods[i]._kernel(x), copies, nbytes)
                     v[f"{label} dequant+mm"] = (lambda i, mods=mods: mods[i]._dense(x), copies, nbytes)
+                if m >= Q.BATCH_MIN_ROWS and kernels.int8_batches(mods[0].mode) and not kernels.bf16_tiles():
+                    # The int8-activation batch products (int8 GEMM), which Llama.load switches on for batches
+                    # (quantize.set_int8_batches): the op called with a row threshold of 1.
+                    ka = [t._kernel_args() for t in mods]
+                    v[f"{label} int8-batch"] = (lambda i, ka=ka: ka[i][0](x, *ka[i][1][:-1], 1), copies, nbytes)
             if baselines:
                 i8 = [t.qweight for t in q8c]
                 s8 = [t.qtensor.scales_f16().float().reshape(-1) for t in q8c]
