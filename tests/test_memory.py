@@ -266,11 +266,34 @@ def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
 
 
 def test_load_packs_cpu_weights():
-    """Llama.load on the CPU leaves the model's weights in one arena (memory.pack_weights)."""
+    """Llama.load on the CPU leaves the model's weights in 2 MiB-page mappings: the big embedding table
+    where loading put it (memory.huge_empty), everything else in one arena (memory.pack_weights)."""
     from llamarun import Llama, memory
 
     if not memory.huge_pages_available():
         pytest.skip("no transparent huge pages")
     llm = Llama.load(None, max_seq_len=64)
-    lo, hi = _storage_range(llm.model)
-    assert lo % memory.HUGE_PAGE == 0 and hi - lo < 100 * 2**20  # SmolLM2's ~94 MiB, nothing elsewhere
+    tensors = [t for t in list(llm.model.parameters()) + list(llm.model.buffers()) if t.numel()]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
+    assert all(memory.in_huge_mapping(st) for st in storages.values())
+    # The int8 embedding / output table's own mapping, and the arena with everything else (~66 MiB).
+    table, arena = sorted(st.nbytes() >> 20 for st in storages.values())
+    assert table == 49152 * 576 >> 20 and 64 <= arena <= 72
+
+
+@pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")
+def test_pack_weights_leaves_huge_mappings_in_place():
+    """A weight already in a huge_empty mapping stays where it is (no second copy, no transient of its size);
+    the others move into the arena."""
+    from llamarun import memory
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False), torch.nn.Linear(64, 64, bias=False))
+    big = memory.huge_empty((1024, 1024), torch.float32)
+    big.copy_(model[0].weight.detach())
+    model[0].weight = torch.nn.Parameter(big, requires_grad=False)
+    assert memory.in_huge_mapping(big.untyped_storage())
+    assert not memory.in_huge_mapping(model[1].weight.untyped_storage())
+    small = model[1].weight.detach().clone()
+    assert memory.pack_weights(model) == 64 * 64 * 4
+    assert model[0].weight.data_ptr() == big.data_ptr() and torch.equal(model[1].weight, small)
+    assert model[1].weight.data_ptr() % memory.HUGE_PAGE == 0
