@@ -97,8 +97,9 @@ class Bf16Linear(nn.Linear):
     'auto'; see :func:`bf16_weights`): decode rows stream the weight through ``f32_linear`` at half float32's
     bytes, widened in registers (stories15M: 2.2x torch's bf16 decode on Zen 4, 2x float32 weights on Zen 3),
     and 5+ rows (prefill, batches) are bf16 GEMMs with x rounded to bf16, float32 out, as in the quantized
-    layers' dense path, where the CPU has native bf16 (``kernels.bf16_gemm``), else float32 GEMMs over the
-    weight widened a tile at a time. Elsewhere (no kernels, another device or dtype) the weight is cast to the activations' dtype."""
+    layers' dense path, where the CPU has native bf16 (``kernels.bf16_gemm``); else up to 32 rows stay in
+    the pool (decode batches) and more (prefill) are float32 GEMMs over the weight widened a tile at a
+    time. Elsewhere (no kernels, another device or dtype) the weight is cast to the activations' dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

@@ -43,12 +43,14 @@ def test_f32_linear_matches_torch(shape, n):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (4, 288), (2, 3, 64), (1, 40)])  # 4 rows: the pool; 6: a GEMM
+# Rows: 1 and 4 the pool; 6 a bf16 GEMM with native bf16, else the pool (up to 32 rows); 40 a GEMM either way.
+@pytest.mark.parametrize("shape", [(1, 1, 576), (4, 288), (2, 3, 64), (1, 40), (2, 20, 64)])
 @pytest.mark.parametrize("n", [960, 7, 20000])  # 20000 x 64: the widening's 4 MiB tiles, the last one partial
 def test_f32_linear_with_bf16_weights(shape, n):
     """bfloat16 weights: decode rows widen them exactly (float32 products and sums); more rows are a bf16 GEMM
-    where the CPU has native bf16 (x rounded to bf16, bf16 out, as torch's bf16 linear), else a float32 GEMM
-    over the weight widened a tile of rows at a time, straight into the output's columns."""
+    where the CPU has native bf16 (x rounded to bf16, bf16 out, as torch's bf16 linear), else the pool up to
+    32 rows and beyond a float32 GEMM over the weight widened a tile of rows at a time, straight into the
+    output's columns."""
     if n == 20000 and shape[-1] != 64:
         pytest.skip("the tiles need a narrow, tall weight")
     torch.manual_seed(0)
