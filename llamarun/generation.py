@@ -28,7 +28,7 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
-from .memory import PREFILL_CHUNK, pack_weights, release_free_memory  # PREFILL_CHUNK: the plan's prefill chunk
+from .memory import CPU_PREFILL_CHUNK, PREFILL_CHUNK, pack_weights, release_free_memory
 from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import NonFiniteLogits, SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -669,8 +669,8 @@ class Llama:
                 t_step = time.perf_counter()  # time spent in the consumer is not the engine's
 
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
-        """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces), scoring them when asked;
-        returns the logits of the last position [B, V]."""
+        """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces, CPU_PREFILL_CHUNK on a CPU),
+        scoring them when asked; returns the logits of the last position [B, V]."""
         if self._decode_step is not None and cur - prev == 1:
             # Fresh tensors with the warm-up's exact strides and flags: a view of run.tokens would carry
             # strides that change with each generation's length, and each change would recompile.
@@ -680,9 +680,10 @@ class Llama:
                 self._score(run, logits, prev, cur)
             return logits[:, -1]
         pool = cur - prev > 1 and self._prefill_in_kernels()
+        chunk = CPU_PREFILL_CHUNK if run.tokens.is_cpu else PREFILL_CHUNK
         with _one_cpu_thread(run.tokens, keep_kernels=True) if pool else contextlib.nullcontext():
-            for a in range(prev, cur, PREFILL_CHUNK):
-                b = min(cur, a + PREFILL_CHUNK)
+            for a in range(prev, cur, chunk):
+                b = min(cur, a + chunk)
                 logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)
                 if logprobs:
                     self._score(run, logits, a, b)

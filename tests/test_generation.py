@@ -69,6 +69,22 @@ def test_echo_logprobs_equal_minus_cross_entropy(llm):
     assert torch.allclose(torch.tensor(logprobs[0][1:]), -ce, atol=5e-3)
 
 
+def test_prefill_in_chunks_equals_one_pass(monkeypatch):
+    """A prompt longer than the prefill chunk (CPU_PREFILL_CHUNK on a CPU) goes through the model in pieces
+    that attend to the cached earlier ones: every position's logprob and the greedy continuation are what
+    one pass over the whole prompt gives."""
+    from llamarun import generation
+
+    llm = tiny_llama()
+    prompt = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = llm.generate([prompt], 4, temperature=0, logprobs=True, echo=True)
+    monkeypatch.setattr(generation, "CPU_PREFILL_CHUNK", 7)  # 7 + 7 + 7 + 2
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 7)
+    pieces = llm.generate([prompt], 4, temperature=0, logprobs=True, echo=True)
+    assert pieces[0] == whole[0]
+    torch.testing.assert_close(torch.tensor(pieces[1]), torch.tensor(whole[1]), atol=1e-4, rtol=0)
+
+
 def test_kv_cache_dtype(monkeypatch):
     """On a CPU with the kernels, the KV cache defaults to float16 under float32 math (half the memory) and
     decodes like a float32 cache; kv_dtype picks it explicitly; a changed dtype reallocates the cache."""
