@@ -457,7 +457,8 @@ class Llama:
         no limit for generation) is what the plan reserves KV cache for. ``kv_dtype`` is the KV cache's dtype
         (``auto``: float16 under float32 math on a CPU, else the model's dtype). ``dtype='auto'`` on a CPU
         gives float32 activations; with native bf16 (AVX512-BF16, AMX) a quantized model's prefill GEMMs are
-        bf16 (``dense_dtype``); an unquantized model gets bf16 weights (with the kernels). Raises RuntimeFailure, before allocating, when nothing fits.
+        bf16 (``dense_dtype``); an unquantized model gets bf16 weights (with the kernels). Raises
+        RuntimeFailure, before allocating, when nothing fits.
         """
         from .memory import native_quantization
 

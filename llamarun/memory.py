@@ -163,7 +163,7 @@ def pack_weights(model: torch.nn.Module) -> int:
     mapping (:func:`huge_empty`), rounded up to 2 MiB at most once. Storages that loading already put in
     mappings of their own (``huge_empty``: the big tables, a 7B model's every weight) stay where they are:
     copying them would cost a second pass over them and, while one is copied, its size in peak memory
-    (SmolLM2's 28 MiB embedding table: the load's peak RSS 393 -> 363 MiB).
+    (SmolLM2's 28 MiB embedding table: the load's peak RSS 393 -> 381 MiB).
     """
     groups = _tensors_by_storage(model)
     if not groups or not huge_pages_available():
