@@ -1330,9 +1330,10 @@ bool use_amx(int64_t batch_rows, int64_t M, int64_t N) {
 }
 
 #ifdef LLAMARUN_AVX2
-// y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n0, rows) puts weight rows n0..n0+7 into rows.
-template <bool kMin, typename Unpack>
-at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack) {
+// The int8 ops' shared frame: y [..., N] for x [..., K], x's M rows rounded into int8 tiles (the calling
+// thread's buffers), then body(tiles, M, y's data).
+template <typename Body>
+at::Tensor tiled_op(const at::Tensor& x, int64_t N, int64_t K, Body&& body) {
   const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const int64_t M = K ? x.numel() / K : 0;
   at::Tensor y = at::empty(out_shape(x, N), x.options());
@@ -1340,32 +1341,39 @@ at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack
   thread_local Int8Tiles tls_tiles;
   Int8Tiles& a = tls_tiles;  // a plain reference: the pool's helpers read the caller's tiles
   quantize_tiles_i8(xc.data_ptr<float>(), M, K, a);
-  float* Y = y.data_ptr<float>();
-  const int64_t passes = (N + GEMM_NR - 1) / GEMM_NR;
-  // A chunk: enough passes that handing it over is cheap next to its work (~256K multiply-adds).
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, GEMM_NR * M * K));
-  parallel_rows(passes, grain, [&](int64_t p0, int64_t p1) {
-    thread_local GemmRows tls_rows;
-    GemmRows& g = tls_rows;
-    if (static_cast<int64_t>(g.zeros.size()) < K) g.resize(K);
-    alignas(64) float out[GEMM_NR * 16];
-    for (int64_t t0 = 0; t0 < a.tiles; t0 += GEMM_TILES) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * GEMM_NR;
-        const int rows = static_cast<int>(std::min<int64_t>(GEMM_NR, N - n0));
-        unpack(n0, g);
-        for (int64_t t = t0; t < std::min(a.tiles, t0 + GEMM_TILES); ++t) {
-          const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
-          gemm_i8_tile<kMin>(g, K, a, t, lanes, out);
-          for (int l = 0; l < lanes; ++l) {
-            float* yr = Y + (t * 16 + l) * N + n0;
-            for (int r = 0; r < rows; ++r) yr[r] = out[r * 16 + l];
+  body(static_cast<const Int8Tiles&>(a), M, y.data_ptr<float>());
+  return y;
+}
+
+// y [M, N] = x [M, K] @ W^T through the int8 GEMM; unpack(n0, rows) puts weight rows n0..n0+7 into rows.
+template <bool kMin, typename Unpack>
+at::Tensor gemm_i8_op(const at::Tensor& x, int64_t N, int64_t K, Unpack&& unpack) {
+  return tiled_op(x, N, K, [&](const Int8Tiles& a, int64_t M, float* Y) {
+    const int64_t passes = (N + GEMM_NR - 1) / GEMM_NR;
+    // A chunk: enough passes that handing it over is cheap next to its work (~256K multiply-adds).
+    const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, GEMM_NR * M * K));
+    parallel_rows(passes, grain, [&](int64_t p0, int64_t p1) {
+      thread_local GemmRows tls_rows;
+      GemmRows& g = tls_rows;
+      if (static_cast<int64_t>(g.zeros.size()) < K) g.resize(K);
+      alignas(64) float out[GEMM_NR * 16];
+      for (int64_t t0 = 0; t0 < a.tiles; t0 += GEMM_TILES) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = p * GEMM_NR;
+          const int rows = static_cast<int>(std::min<int64_t>(GEMM_NR, N - n0));
+          unpack(n0, g);
+          for (int64_t t = t0; t < std::min(a.tiles, t0 + GEMM_TILES); ++t) {
+            const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
+            gemm_i8_tile<kMin>(g, K, a, t, lanes, out);
+            for (int l = 0; l < lanes; ++l) {
+              float* yr = Y + (t * 16 + l) * N + n0;
+              for (int r = 0; r < rows; ++r) yr[r] = out[r * 16 + l];
+            }
           }
         }
       }
-    }
+    });
   });
-  return y;
 }
 
 #ifndef LLAMARUN_AVX512
@@ -1441,23 +1449,16 @@ void q4_rows_direct(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int6
 // y [M, N] = x [M, K] @ W^T for M <= 16 (one tile) through q4_rows_direct.
 at::Tensor q4_direct_op(const at::Tensor& x, const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t N,
                         int64_t K, int64_t G) {
-  const at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
-  const int64_t M = K ? x.numel() / K : 0;
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  if (M == 0 || N == 0) return y;
-  thread_local Int8Tiles tls_tiles;
-  Int8Tiles& a = tls_tiles;  // a plain reference: the pool's helpers read the caller's tiles
-  quantize_tiles_i8(xc.data_ptr<float>(), M, K, a);
-  float* Y = y.data_ptr<float>();
-  // A chunk: enough rows that handing it over is cheap next to its work (~256K multiply-adds), even.
-  const int64_t grain = std::max<int64_t>(2, (1 << 18) / std::max<int64_t>(1, M * K)) & ~int64_t{1};
-  parallel_rows(N, grain, [&](int64_t n0, int64_t n1) {
-    if (M > 8)
-      q4_rows_direct<true>(W, S, Z, K, G, a, M, n0, n1, Y, N);
-    else
-      q4_rows_direct<false>(W, S, Z, K, G, a, M, n0, n1, Y, N);
+  return tiled_op(x, N, K, [&](const Int8Tiles& a, int64_t M, float* Y) {
+    // A chunk: enough rows that handing it over is cheap next to its work (~256K multiply-adds), even.
+    const int64_t grain = std::max<int64_t>(2, (1 << 18) / std::max<int64_t>(1, M * K)) & ~int64_t{1};
+    parallel_rows(N, grain, [&](int64_t n0, int64_t n1) {
+      if (M > 8)
+        q4_rows_direct<true>(W, S, Z, K, G, a, M, n0, n1, Y, N);
+      else
+        q4_rows_direct<false>(W, S, Z, K, G, a, M, n0, n1, Y, N);
+    });
   });
-  return y;
 }
 #endif
 #endif
