@@ -28,10 +28,9 @@ def prefill_gemm_dtype(llm) -> str:
     the batches (``Llama.batch_product``), else the dtype name of its ``dense_dtype`` (or activations)."""
     if llm.batch_product == "int8":
         return "int8"
-    dense = llm.dense_dtype
-    if dense == torch.bfloat16 and llm.dtype == torch.float32 and llm.bf16_weights and not kernels.bf16_gemm():
+    if llm.bf16_weights and not kernels.bf16_gemm():
         return "float32"  # bf16 weights widened into float32 GEMMs: no native bf16
-    return str(dense or llm.dtype).replace("torch.", "")
+    return str(llm.dense_dtype or llm.dtype).replace("torch.", "")
 
 
 def gemm_note(info: dict) -> str:

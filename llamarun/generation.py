@@ -91,7 +91,7 @@ def _batch_products(model: Transformer, dtype: str | torch.dtype, device: torch.
     from .device import cpu_has_fast_bf16
     from .quantize import QuantizedLinear, set_dense_dtype, set_int8_batches
 
-    if dense is not None and (device.type != "cpu" or cpu_has_fast_bf16()):
+    if dense is not None and cpu_has_fast_bf16():  # (dense is a CPU's: see _dense_dtype)
         set_dense_dtype(model, dense)
     tiles = any(m.batch_rows for m in model.modules() if isinstance(m, QuantizedLinear))
     if dtype == "auto" and device.type == "cpu" and not tiles:
