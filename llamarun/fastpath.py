@@ -15,6 +15,8 @@ tests compare the two paths.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -194,10 +196,11 @@ class FastTransformer(Transformer):
         self._stacks = None
         return super()._apply(fn, *args, **kwargs)
 
-    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                    zeros: Callable[..., torch.Tensor] = torch.zeros) -> None:
         if not self.cache_fits(batch, max_seq_len, dtype):
             self._stacks = None  # they hold the old cache: let it go before the new one is allocated
-        super().setup_cache(batch, max_seq_len, dtype)
+        super().setup_cache(batch, max_seq_len, dtype, zeros)
 
     def free_cache(self) -> None:
         self._stacks = None

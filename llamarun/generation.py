@@ -28,7 +28,7 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
-from .memory import CPU_PREFILL_CHUNK, PREFILL_CHUNK, pack_weights, release_free_memory
+from .memory import CPU_PREFILL_CHUNK, PREFILL_CHUNK, lazy_zeros, pack_weights, release_free_memory
 from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import NonFiniteLogits, SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -169,10 +169,13 @@ def meta_model(args: ModelArgs) -> Transformer:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
-def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> Transformer:
+def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                max_seq_len: int | None = None) -> Transformer:
     """Create the model without allocating it (meta device), then fill it tensor by tensor.
 
     Each tensor is dequantized, converted and moved on its own, so peak memory stays near the final size.
+    The rotary table covers ``max_seq_len`` positions (default: the model's context; ``setup_cache``
+    extends it when asked for more).
     """
     args = ckpt.args
     model = meta_model(args)
@@ -182,7 +185,7 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> T
         model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    model.rope = rope_cache(args, args.max_seq_len).to(device)
+    model.rope = rope_cache(args, max_seq_len or args.max_seq_len).to(device)
     return model.eval()
 
 
@@ -380,7 +383,7 @@ class Llama:
         self._decode_step = torch.compile(step, mode="reduce-overhead" if cuda else None, fullgraph=True,
                                           dynamic=False)
         rows = max(max(batch_sizes), self.max_batch_size or 1)
-        self.model.setup_cache(rows, self.max_seq_len, self.kv_dtype)  # allocated once: addresses are in the graph
+        self._setup_cache(rows, self.max_seq_len)  # allocated once: addresses are in the graph
         with torch.inference_mode():
             # One eager step first: modules make their lazy decisions (are the CPU kernels usable?) outside
             # the graph, where dynamo cannot follow them (locks, file system).
@@ -493,7 +496,7 @@ class Llama:
         with torch.inference_mode():
             home = torch.device("cpu") if plan.offload_layers else dev
             if plan.quantize == "none":
-                model = build_model(ckpt, home, dense or dt)
+                model = build_model(ckpt, home, dense or dt, seq)
                 if dense is not None:
                     from .fastpath import bf16_weights
 
@@ -501,7 +504,7 @@ class Llama:
             else:
                 from .quantize import build_quantized_model
 
-                model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size)
+                model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size, max_seq_len=seq)
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
             if plan.quantize != "none":
@@ -614,9 +617,9 @@ class Llama:
         stats = self.stats = Stats(prompt_tokens=sum(lengths))
 
         if self._decode_step is not None:  # one cache for the compiled graph's lifetime
-            self.model.setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len, self.kv_dtype)
+            self._setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len)
         else:
-            self.model.setup_cache(bsz, total_len, self.kv_dtype)
+            self._setup_cache(bsz, total_len)
         start = min(lengths)
         if logprobs and start == total_len:  # nothing to generate: score the prompt only
             with torch.inference_mode():
@@ -644,6 +647,7 @@ class Llama:
                     if logprobs:
                         lp = torch.log_softmax(last, dim=-1).gather(1, nxt[:, None]).squeeze(1)
                         run.token_logprobs[:, cur] = lp
+                    del last  # else two steps' logits are alive while the next is computed: 3 MiB at batch 16
                 # One host sync per step (the ids); which rows are in their prompt or stopped is plain Python.
                 nxt_l = nxt.tolist()
                 in_prompt_l = [cur < n for n in lengths]
@@ -669,9 +673,15 @@ class Llama:
                     yield TokenResult(i, nxt_l[i], lp_l[i], run.counts[i] - 1, finished)
                 t_step = time.perf_counter()  # time spent in the consumer is not the engine's
 
+    def _setup_cache(self, rows: int, seq: int) -> None:
+        """A KV cache for ``rows`` x ``seq`` tokens (the current one when it fits); a new one is resident only
+        where it is written (``memory.lazy_zeros``)."""
+        self.model.setup_cache(rows, seq, self.kv_dtype, zeros=lazy_zeros)
+
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
-        """Run tokens prev..cur-1 through the model (in PREFILL_CHUNK pieces, CPU_PREFILL_CHUNK on a CPU),
-        scoring them when asked; returns the logits of the last position [B, V]."""
+        """Run tokens prev..cur-1 through the model (in pieces of PREFILL_CHUNK tokens, on a CPU of
+        CPU_PREFILL_CHUNK positions over all rows), scoring them when asked; returns the logits of the last
+        position [B, V]."""
         if self._decode_step is not None and cur - prev == 1:
             # Fresh tensors with the warm-up's exact strides and flags: a view of run.tokens would carry
             # strides that change with each generation's length, and each change would recompile.
@@ -681,13 +691,20 @@ class Llama:
                 self._score(run, logits, prev, cur)
             return logits[:, -1]
         pool = cur - prev > 1 and self._prefill_in_kernels()
-        chunk = CPU_PREFILL_CHUNK if run.tokens.is_cpu else PREFILL_CHUNK
+        # On a CPU a chunk is CPU_PREFILL_CHUNK positions over all rows: a batch's activations stay what one
+        # prompt's are (the GEMMs are as fast from ~256 rows on).
+        chunk = max(1, CPU_PREFILL_CHUNK // run.tokens.shape[0]) if run.tokens.is_cpu else PREFILL_CHUNK
         with _one_cpu_thread(run.tokens, keep_kernels=True) if pool else contextlib.nullcontext():
             for a in range(prev, cur, chunk):
                 b = min(cur, a + chunk)
                 logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)
                 if logprobs:
                     self._score(run, logits, a, b)
+        if run.tokens.is_cpu and cur - prev > 1:
+            # The prefill's activations, freed, go back to the system (~1-3 ms): glibc kept them in the heap,
+            # where decode steps needed little of them and a later, larger batch or prompt did not reuse them
+            # all (the default model's peak over compare.py's workload 386-387 -> 381-382 MiB).
+            release_free_memory()
         return logits[:, -1]
 
     def _prefill_in_kernels(self) -> bool:

@@ -14,13 +14,14 @@ int8 in both quantized modes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import re
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -33,15 +34,17 @@ MiB = 1 << 20
 QUANT_CHOICES = ("none", "int8", "int4")
 DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # What a process holds besides weights and caches: Python, torch and llamarun's imports plus a tokenizer on
-# a CPU (measured here: 234 MiB RSS after imports, 275 MiB with SmolLM2's 49k-token tokenizer); on a GPU,
-# the CUDA context, cuBLAS workspaces and the caching allocator's slack.
-CPU_RUNTIME_BYTES = 280 * MiB
+# a CPU (measured on a Zen 3 VM: 224 MiB RSS after importing torch, ~250 MiB with SmolLM2's 49k-token
+# tokenizer; cpu_runtime_bytes measures it, this is its floor); on a GPU, the CUDA context, cuBLAS
+# workspaces and the caching allocator's slack.
+CPU_RUNTIME_BYTES = 240 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB
 PREFILL_CHUNK = 512  # the engine feeds long prompts in chunks of this many tokens (bounds activations)
 # On a CPU, half that: the same prefill speed (Zen 3, SmolLM2 int4, 4 alternating rounds at 512 and 1024
 # tokens: 541-770 vs 483-813 tok/s) for half the activations, and half the logits when every position is
 # scored (49K vocabulary: 50 instead of 100 MB). The default model's peak RSS over a 512-token prefill: 400
-# -> 387 MiB. The plan keeps PREFILL_CHUNK's larger estimate.
+# -> 387 MiB. It counts positions over all rows of a batch (16 prompts: 16 tokens of each at a time). The
+# plan keeps PREFILL_CHUNK's larger estimate.
 CPU_PREFILL_CHUNK = 256
 GGUF_READ_BYTES = 4 << 20  # a GGUF tensor converted block for block is read this much at a time
 
@@ -49,13 +52,27 @@ GGUF_READ_BYTES = 4 << 20  # a GGUF tensor converted block for block is read thi
 def peak_rss_bytes() -> int:
     """This process's peak resident memory. Linux: VmHWM, because ru_maxrss carries the high-water mark
     of the parent across fork and exec (a child of a big process would report the parent's peak)."""
+    return _proc_status("VmHWM:") or _ru_maxrss()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux: VmRSS; elsewhere the peak, the closest there is)."""
+    return _proc_status("VmRSS:") or _ru_maxrss()
+
+
+def _proc_status(key: str) -> int:
+    """A size from /proc/self/status in bytes, or 0 where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return 0
+
+
+def _ru_maxrss() -> int:
     import resource
     import sys
 
@@ -121,6 +138,87 @@ def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         del _HUGE_MAPPINGS[addr]
     _HUGE_MAPPINGS[t.data_ptr()] = weakref.ref(buf)
     return t
+
+
+class WeightArena:
+    """Where a CPU model's weights go while it loads (:func:`weight_arena`): tensors side by side in chunks
+    of 2 MiB pages (:func:`huge_empty`), each starting on a cache line; tensors of half a chunk or more get a
+    mapping of their own.
+
+    Why: loading put every tensor under 2 MiB (all of SmolLM2's per-layer weights) in the C heap, and
+    :func:`pack_weights` then copied them into 2 MiB pages. The copy raised the load's peak, and the tensors
+    copied from left 81 MiB of holes in the heap, which the activations of every later prefill and decode
+    step, allocated wherever glibc found room, brought back into the resident set a few hundred KiB at a
+    time. With the weights made in place (and GGUF blocks converted straight into them,
+    ``quantize.from_gguf_file``), the default model's load peaks at 352 MiB instead of 360-385.
+    """
+
+    CHUNK = 64 * MiB
+
+    def __init__(self) -> None:
+        self._chunk: torch.Tensor | None = None
+        self._offset = self._end = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the arena."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= self.CHUNK // 2:
+            return huge_empty(shape, dtype)
+        if self._chunk is None or self._offset + nbytes > self._end:
+            self._chunk = huge_empty((self.CHUNK + HUGE_PAGE,), torch.uint8)
+            self._offset = -self._chunk.data_ptr() % HUGE_PAGE  # the first tensor starts a 2 MiB page
+            self._end = self._offset + self.CHUNK
+        t = self._chunk[self._offset : self._offset + nbytes].view(dtype).view(shape)
+        self._offset += -(-nbytes // 64) * 64
+        return t
+
+
+_ARENA: WeightArena | None = None
+
+
+@contextlib.contextmanager
+def weight_arena() -> Iterator[WeightArena]:
+    """Within it, :func:`weight_empty` allocates from one :class:`WeightArena` (loaders use it on a CPU)."""
+    global _ARENA
+    outer, _ARENA = _ARENA, WeightArena()
+    try:
+        yield _ARENA
+    finally:
+        _ARENA = outer
+
+
+def weight_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor for a weight: in the active :func:`weight_arena`, else :func:`huge_empty`."""
+    return _ARENA.empty(shape, dtype) if _ARENA is not None else huge_empty(shape, dtype)
+
+
+def weight_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` made by :func:`weight_empty` (``t`` itself elsewhere, or if empty)."""
+    if t.device.type != "cpu" or _ARENA is None or not t.numel():
+        return t
+    out = weight_empty(tuple(t.shape), t.dtype)
+    out.copy_(t)
+    return out
+
+
+def lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """A zero-filled tensor (``torch.zeros``'s signature) that, on a CPU, is resident only where it is
+    written: a private anonymous mapping of its own, whose untouched pages are the kernel's shared zero page.
+
+    For KV caches: ``torch.zeros`` writes every byte, so a cache sized for the longest generation held all
+    of it from the start (the static cache of ``Llama.compile``: rows x the whole context, 92 MiB a row for
+    SmolLM2 at 4096 tokens, of which a short chat touches a few MiB). Being a mapping of its own, it also
+    goes back to the system when freed, where a cache in the C heap left holes that the next allocations
+    did not fill: the default model's peak over compare.py's workload 385-386 -> 381-382 MiB. Elsewhere,
+    and under 64 KiB, ``torch.zeros``."""
+    import mmap
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device or "cpu").type != "cpu" or nbytes < 64 * 1024:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
 
 
 def in_huge_mapping(storage: Any) -> bool:
@@ -210,9 +308,11 @@ def _replace(users: list, storage: Any, byte_offset: int) -> None:
 
 
 def cpu_runtime_bytes() -> int:
-    """What this process already holds (Python, torch, the tokenizer: measured, since it varies with the
-    environment), or the typical figure when the process is still smaller than that."""
-    return max(CPU_RUNTIME_BYTES, peak_rss_bytes() + 16 * MiB)
+    """What this process holds now (Python, torch, the tokenizer: measured, since it varies with the
+    environment; not its peak, which building the tokenizer raises by ~13 MiB for nothing that stays) plus
+    16 MiB for what running adds (code pages touched by the first prefill: ~8 MiB), or the typical figure
+    when the process is still smaller than that."""
+    return max(CPU_RUNTIME_BYTES, rss_bytes() + 16 * MiB)
 
 
 def parse_size(text: str) -> int:

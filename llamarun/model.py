@@ -10,6 +10,7 @@ Shapes: B batch, S new tokens, T cached tokens, H query heads, K key/value heads
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +70,16 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 class KVCache(nn.Module):
     """Static key/value cache for one layer: [B, K, max_seq_len, D], written in place. Its dtype may be
-    narrower than the activations' (float16 under float32 math): values are rounded on the way in."""
+    narrower than the activations' (float16 under float32 math): values are rounded on the way in.
+    ``zeros`` (``torch.zeros``'s signature) allocates k and v."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None,
+                 zeros: Callable[..., torch.Tensor] = torch.zeros) -> None:
         super().__init__()
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start_pos: int | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,16 +227,18 @@ class Transformer(nn.Module):
         ref = self.tok_embeddings.weight
         return dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
 
-    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+    def setup_cache(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                    zeros: Callable[..., torch.Tensor] = torch.zeros) -> None:
         """Allocate a static KV cache for ``batch`` rows of up to ``max_seq_len`` tokens (reused when big enough
-        and of the same dtype). ``dtype`` defaults to the embedding's floating dtype."""
+        and of the same dtype). ``dtype`` defaults to the embedding's floating dtype; ``zeros`` allocates each
+        tensor (the engine's allocates CPU caches in pages that become resident only when written)."""
         if self.cache_fits(batch, max_seq_len, dtype):
             return
         ref, dtype = self.tok_embeddings.weight, self._cache_dtype(dtype)
         for layer in self.layers:
             layer.attention.cache = None  # free the old cache before allocating the new one
             layer.attention.cache = KVCache(batch, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
-                                            dtype, ref.device)
+                                            dtype, ref.device, zeros)
         self.cache_shape, self.cache_dtype = (batch, max_seq_len), dtype
         if max_seq_len > self.rope.shape[0]:  # serve contexts beyond the trained length if asked to
             self.rope = rope_cache(self.args, max_seq_len).to(self.rope.device)

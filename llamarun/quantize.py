@@ -26,6 +26,7 @@ checkpoint, one tensor at a time; GGUF blocks converted directly), :func:`save_q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -338,49 +339,72 @@ def _blocks(raw: Any, block_bytes: int, shape: tuple[int, int]) -> torch.Tensor:
     return t.reshape(n * (k // QK), block_bytes)
 
 
-def from_gguf_q8_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
-    """Q8_0 blocks ([d: f16][32 x int8]) -> int8, group size 32. Lossless."""
-    n, k = shape
-    b = _blocks(raw, 34, shape)
-    scales = b[:, :2].contiguous().view(torch.int16).reshape(n, k // QK)
-    q = b[:, 2:].contiguous().view(torch.int8).reshape(n, k)
-    return QuantizedTensor("int8", q, scales.contiguous(), None, QK)
+def _fill_q8_0(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q8_0 blocks b [N * K/32, 34] ([d: f16][32 x int8]) into int8 ``out`` [N, K]."""
+    out.scales.view(-1, 1).view(torch.uint8).copy_(b[:, :2])
+    out.qweight.view(-1, QK).copy_(b[:, 2:].view(torch.int8))
 
 
-def from_gguf_q4_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
-    """Q4_0 blocks ([d: f16][16 bytes]; w = (q - 8) d) -> int4 with min = -8 d, group size 32. Lossless
+def _fill_q4_0(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q4_0 blocks b [N * K/32, 18] ([d: f16][16 bytes]; w = (q - 8) d) into int4 ``out``, min = -8 d
     (multiplying a float16 by 8 is exact unless it overflows, which is checked)."""
-    n, k = shape
-    b = _blocks(raw, 18, shape)
     d = b[:, :2].contiguous().view(torch.float16)
     m = d.float() * -8.0
     if torch.isinf(m.to(torch.float16)).any():
         raise FormatError("Q4_0 scale too large to express as an int4 minimum")
-    return QuantizedTensor("int4", b[:, 2:].contiguous().reshape(n, k // 2), d.view(torch.int16).reshape(n, k // QK),
-                           _f16_bits(m).reshape(n, k // QK), QK)
+    out.qweight.view(-1, QK // 2).copy_(b[:, 2:])
+    out.scales.view(-1, 1).copy_(d.view(torch.int16))
+    out.mins.view(-1, 1).copy_(_f16_bits(m))
+
+
+def _fill_q4_0_int8(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q4_0 blocks b [N * K/32, 18] into int8 ``out`` (values q - 8 in -8..7, the block's d as scale)."""
+    out.scales.view(-1, 1).view(torch.uint8).copy_(b[:, :2])
+    out.qweight.view(-1, QK).copy_(_unpack_int4(b[:, 2:]).to(torch.int8) - 8)
+
+
+def _fill_q4_1(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q4_1 blocks b [N * K/32, 20] ([d: f16][m: f16][16 bytes]; w = q d + m) into int4 ``out``."""
+    out.qweight.view(-1, QK // 2).copy_(b[:, 4:])
+    out.scales.view(-1, 1).view(torch.uint8).copy_(b[:, :2])
+    out.mins.view(-1, 1).view(torch.uint8).copy_(b[:, 2:4])
+
+
+def _convert(fill: Callable[[torch.Tensor, QuantizedTensor], None], mode: str, block_bytes: int,
+             raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    n, k = shape
+    b = _blocks(raw, block_bytes, shape)
+    out = _new(mode, n, k, torch.empty)
+    fill(b, out)
+    return out
+
+
+def from_gguf_q8_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q8_0 blocks -> int8, group size 32. Lossless."""
+    return _convert(_fill_q8_0, "int8", 34, raw, shape)
+
+
+def from_gguf_q4_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """Q4_0 blocks -> int4 with min = -8 d, group size 32. Lossless."""
+    return _convert(_fill_q4_0, "int4", 18, raw, shape)
 
 
 def from_gguf_q4_0_int8(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
-    """Q4_0 blocks as int8 (values q - 8 in -8..7, the block's d as scale), group size 32. Lossless: the
-    output layer and embedding of a Q4_0 file load as int8 without a float32 round trip (~6 s of a 7B load)."""
-    n, k = shape
-    b = _blocks(raw, 18, shape)
-    q = (_unpack_int4(b[:, 2:].reshape(n, k // 2)).to(torch.int8) - 8).contiguous()
-    return QuantizedTensor("int8", q, b[:, :2].contiguous().view(torch.int16).reshape(n, k // QK), None, QK)
+    """Q4_0 blocks as int8, group size 32. Lossless: the output layer and embedding of a Q4_0 file load as
+    int8 without a float32 round trip (~6 s of a 7B load)."""
+    return _convert(_fill_q4_0_int8, "int8", 18, raw, shape)
 
 
 def from_gguf_q4_1(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
-    """Q4_1 blocks ([d: f16][m: f16][16 bytes]; w = q d + m) -> int4, group size 32. Lossless."""
-    n, k = shape
-    b = _blocks(raw, 20, shape)
-    return QuantizedTensor("int4", b[:, 4:].contiguous().reshape(n, k // 2),
-                           b[:, :2].contiguous().view(torch.int16).reshape(n, k // QK),
-                           b[:, 2:4].contiguous().view(torch.int16).reshape(n, k // QK), QK)
+    """Q4_1 blocks -> int4, group size 32. Lossless."""
+    return _convert(_fill_q4_1, "int4", 20, raw, shape)
 
 
-# (GGUF type, mode) -> a block-for-block, lossless conversion.
+# (GGUF type, mode) -> a block-for-block, lossless conversion, and the fill it uses.
 _GGUF_DIRECT = {("Q8_0", "int8"): from_gguf_q8_0, ("Q4_0", "int4"): from_gguf_q4_0,
                 ("Q4_0", "int8"): from_gguf_q4_0_int8, ("Q4_1", "int4"): from_gguf_q4_1}
+_GGUF_FILL = {("Q8_0", "int8"): _fill_q8_0, ("Q4_0", "int4"): _fill_q4_0, ("Q4_0", "int8"): _fill_q4_0_int8,
+              ("Q4_1", "int4"): _fill_q4_1}
 _GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
@@ -408,45 +432,53 @@ def _direct(qtype: Any, mode: str, group_size: int | None) -> Callable[[Any, tup
     return _GGUF_DIRECT.get((_type_name(qtype), mode))
 
 
-def _empty(mode: str, n: int, k: int) -> QuantizedTensor:
-    """An uninitialised ``mode`` tensor [N, K] with group size 32 (what the block conversions make)."""
-    from .memory import huge_empty
-
+def _new(mode: str, n: int, k: int, empty: Callable[..., torch.Tensor]) -> QuantizedTensor:
+    """An uninitialised ``mode`` tensor [N, K] with group size 32 (what the block conversions make), its
+    parts allocated by ``empty(shape, dtype)``."""
     g = k // QK
-    q = huge_empty((n, k), torch.int8) if mode == "int8" else huge_empty((n, k // 2), torch.uint8)
-    mins = None if mode == "int8" else huge_empty((n, g), torch.int16)
-    return QuantizedTensor(mode, q, huge_empty((n, g), torch.int16), mins, QK)
+    q = empty((n, k), dtype=torch.int8) if mode == "int8" else empty((n, k // 2), dtype=torch.uint8)
+    mins = None if mode == "int8" else empty((n, g), dtype=torch.int16)
+    return QuantizedTensor(mode, q, empty((n, g), dtype=torch.int16), mins, QK)
+
+
+def _empty(mode: str, n: int, k: int) -> QuantizedTensor:
+    """:func:`_new` for a weight: in the loading model's ``memory.weight_arena`` if there is one, else in
+    ``memory.huge_empty`` mappings."""
+    from .memory import weight_empty
+
+    return _new(mode, n, k, lambda shape, dtype: weight_empty(shape, dtype))
 
 
 def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | None = None,
                    out: QuantizedTensor | None = None) -> QuantizedTensor:
     """A tensor of a GGUF file (``formats.gguf.TensorInfo``) as ``mode``, like :func:`from_gguf`. A
-    block-for-block conversion reads the file a few MiB of rows at a time into tensors allocated once
-    (``out``, rows of a fused layer, when given): reading the whole tensor first held its raw bytes and its
-    converted copy at once, which on SmolLM2's 30 MiB embedding table raised loading's peak memory above
-    what the loaded model holds."""
+    block-for-block conversion reads the file a few MiB of rows at a time into one buffer and converts
+    each piece straight into its rows of the result (``out``, rows of a fused layer, when given; else
+    allocated once): reading whole tensors held their raw bytes beside the converted copy, and converting
+    each piece into tensors of its own before copying those raised the default model's loading peak by
+    15-30 MiB of heap that only ``malloc_trim`` gave back."""
     from .memory import GGUF_READ_BYTES
 
-    direct = _direct(t.tensor_type, mode, group_size)
-    if direct is None:
+    key = (_type_name(t.tensor_type), mode)
+    if _direct(t.tensor_type, mode, group_size) is None:
         return from_gguf(t.data, t.tensor_type, shape, mode, group_size)
     n, k = shape
     if k % QK:
         raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
-    row_bytes = k // QK * _GGUF_BLOCK_BYTES[_type_name(t.tensor_type)]
+    block_bytes = _GGUF_BLOCK_BYTES[key[0]]
+    row_bytes = k // QK * block_bytes
     if row_bytes * n != t.nbytes:
         raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
-    step = max(1, GGUF_READ_BYTES // row_bytes)
-    if out is None:
-        if n <= step:
-            return direct(t.read(0, t.nbytes), shape)
-        out = _empty(mode, n, k)
+    step = max(1, min(n, GGUF_READ_BYTES // row_bytes))
+    out = out or _empty(mode, n, k)
+    buf = torch.empty(step * row_bytes, dtype=torch.uint8)
+    rows_of = lambda f, r0, r1: None if f is None else f[r0:r1]  # noqa: E731
     for r0 in range(0, n, step):
-        rows = min(step, n - r0)
-        part = direct(t.read(r0 * row_bytes, rows * row_bytes), (rows, k))
-        for dst, src in ((out.qweight, part.qweight), (out.scales, part.scales), (out.mins, part.mins)):
-            if src is not None:
-                dst[r0 : r0 + rows] = src
+        r1 = min(n, r0 + step)
+        piece = buf[: (r1 - r0) * row_bytes]
+        t.read_into(r0 * row_bytes, piece.numpy())
+        part = QuantizedTensor(mode, out.qweight[r0:r1], out.scales[r0:r1], rows_of(out.mins, r0, r1), QK)
+        _GGUF_FILL[key](piece.view(-1, block_bytes), part)
     return out
 
 
@@ -816,21 +848,33 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
 
 
 def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                          group_size: int | None = None, output_mode: str | None = None):
+                          group_size: int | None = None, output_mode: str | None = None,
+                          max_seq_len: int | None = None):
     """Like ``generation.build_model``, with every linear layer quantized straight from the checkpoint.
 
     One checkpoint tensor is materialised at a time; GGUF Q8_0/Q4_0/Q4_1 tensors are converted
     block-for-block when they match ``mode`` (int8 / int4, group size 32). Norms stay in ``dtype``. The
-    embedding is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied).
+    embedding is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied). The rotary table
+    covers ``max_seq_len`` positions (default: the model's context).
     """
-    from .generation import load_parameter, meta_model
-    from .model import rope_cache
+    from .memory import weight_arena
 
     _check_mode(mode)
     output_mode = output_mode or DEFAULT_OUTPUT_MODE
     _check_mode(output_mode)
-    out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
     device = torch.device(device)
+    # On a CPU the weights are made in place, side by side in 2 MiB pages (see memory.WeightArena).
+    with weight_arena() if device.type == "cpu" else contextlib.nullcontext():
+        return _build_quantized_model(ckpt, mode, device, dtype, group_size, output_mode, max_seq_len)
+
+
+def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: torch.dtype, group_size: int | None,
+                           output_mode: str, max_seq_len: int | None) -> nn.Module:
+    from .generation import load_parameter, meta_model
+    from .memory import weight_copy
+    from .model import rope_cache
+
+    out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
     args = ckpt.args
     model = meta_model(args)
     for name in linear_names(model):
@@ -847,10 +891,10 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
         qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), output_mode, out_gs)
         model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
     for name, param in list(model.named_parameters()):  # what is left: the norms
-        value = load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype)
+        value = weight_copy(load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype))
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    model.rope = rope_cache(args, args.max_seq_len).to(device)
+    model.rope = weight_copy(rope_cache(args, max_seq_len or args.max_seq_len).to(device))
     return model.eval()
 
 

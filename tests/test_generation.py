@@ -85,6 +85,41 @@ def test_prefill_in_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(torch.tensor(pieces[1]), torch.tensor(whole[1]), atol=1e-4, rtol=0)
 
 
+def test_cpu_prefill_chunks_count_positions_over_rows(monkeypatch):
+    """On a CPU a batch's prefill chunk is CPU_PREFILL_CHUNK positions over all its rows (3 prompts, 21: 7
+    tokens of each at a time), with the same result as one pass."""
+    from llamarun import generation
+
+    llm = tiny_llama()
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50, (n,), generator=gen).tolist() for n in (23, 19, 23)]
+    whole = llm.generate(prompts, 3, temperature=0, logprobs=True)
+    shapes = []
+    hook = llm.model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    monkeypatch.setattr(generation, "CPU_PREFILL_CHUNK", 21)
+    pieces = llm.generate(prompts, 3, temperature=0, logprobs=True)
+    hook.remove()
+    assert shapes[:3] == [(3, 7), (3, 7), (3, 5)]  # min(lengths) = 19 tokens of prefill, then one at a time
+    assert pieces[0] == whole[0]
+    torch.testing.assert_close(torch.tensor(pieces[1]), torch.tensor(whole[1]), atol=1e-4, rtol=0)
+
+
+def test_cpu_generation_cache_and_heap(monkeypatch):
+    """On a CPU the KV cache comes from memory.lazy_zeros (resident only where written), and each
+    generation hands the heap's free pages back once, after its prefill."""
+    from llamarun import generation, memory
+
+    llm = tiny_llama()
+    made, trims = [], []
+    monkeypatch.setattr(generation, "lazy_zeros", lambda *a, **k: made.append(a[0]) or memory.lazy_zeros(*a, **k))
+    monkeypatch.setattr(generation, "release_free_memory", lambda: trims.append(1) or memory.release_free_memory())
+    llm.generate([[3, 7, 11], [2, 9]], 5, temperature=0)
+    a = llm.args
+    assert made == [(2, a.n_kv_heads, 3 + 5, a.head_dim)] * (2 * a.n_layers) and len(trims) == 1
+    llm.generate([[3, 7, 11]], 4, temperature=0)  # the cache fits: kept
+    assert len(made) == 2 * a.n_layers and len(trims) == 2
+
+
 def test_kv_cache_dtype(monkeypatch):
     """On a CPU with the kernels, the KV cache defaults to float16 under float32 math (half the memory) and
     decodes like a float32 cache; kv_dtype picks it explicitly; a changed dtype reallocates the cache."""

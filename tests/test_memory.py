@@ -219,6 +219,65 @@ def test_huge_empty():
         assert big.untyped_storage().nbytes() == 8 << 20
 
 
+def test_weight_arena():
+    """Within memory.weight_arena, weight_empty places tensors side by side (each on a cache line, the
+    first on a 2 MiB page) in chunks; a tensor that does not fit starts a new chunk, one of half a chunk or
+    more gets its own mapping; weight_copy copies into the arena. Outside it: huge_empty, and no copy."""
+    from llamarun import memory
+
+    chunk = memory.WeightArena.CHUNK
+    with memory.weight_arena():
+        a = memory.weight_empty((3, 5), torch.int16)
+        b = memory.weight_empty((1000,), torch.float32)
+        c = memory.weight_copy(torch.arange(6.0).reshape(2, 3))
+        big = memory.weight_empty((chunk // 2,), torch.uint8)
+        x1 = memory.weight_empty((chunk // 2 - 64,), torch.uint8)
+        x2 = memory.weight_empty((chunk // 2 - 64,), torch.uint8)  # does not fit after a, b, c, x1
+    for t in (a, b, x1, x2):
+        t.fill_(1)
+    assert a.shape == (3, 5) and a.dtype == torch.int16 and int(a.sum()) == 15 and int(b.sum()) == 1000
+    assert torch.equal(c, torch.arange(6.0).reshape(2, 3))
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+    assert b.data_ptr() == a.data_ptr() + 64 and c.data_ptr() == b.data_ptr() + 4032  # 4000 bytes, cache-aligned
+    assert x1.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() != x2.untyped_storage().data_ptr()
+    assert big.untyped_storage().nbytes() == chunk // 2
+    if memory.huge_pages_available():
+        assert a.data_ptr() % memory.HUGE_PAGE == 0 and x2.data_ptr() % memory.HUGE_PAGE == 0
+        assert a.untyped_storage().nbytes() == chunk + memory.HUGE_PAGE
+    t = torch.ones(3)
+    assert memory.weight_copy(t) is t  # outside the arena
+    outside = memory.weight_empty((3, 5), torch.int16)
+    assert outside.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_lazy_zeros_is_resident_only_where_written():
+    """The KV cache's allocator: zeros of the asked shape and dtype, whose memory becomes resident only as it
+    is written (torch.zeros writes all of it), and returns to the system when freed; small or non-CPU
+    tensors come from torch.zeros."""
+    from llamarun import memory
+
+    before = _rss_mib()
+    t = memory.lazy_zeros((64, 1024, 1024), dtype=torch.float32)  # 256 MiB
+    assert t.shape == (64, 1024, 1024) and t.dtype == torch.float32
+    assert _rss_mib() - before < 16
+    read = bool(t[::8].any())  # reading maps the zero page: still not resident
+    assert not read and _rss_mib() - before < 16
+    t[:4] = 1.5  # 16 MiB written
+    grown, mean, rest = _rss_mib() - before, float(t[:4].mean()), bool(t[4:].any())
+    assert 12 < grown < 32 and mean == 1.5 and not rest
+    del t
+    assert _rss_mib() - before < 16
+    small = memory.lazy_zeros((2, 3), dtype=torch.float16)
+    assert small.dtype == torch.float16 and not small.any()
+    assert memory.lazy_zeros((2, 3), dtype=torch.float32, device="meta").device.type == "meta"
+
+
 @pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")
 @pytest.mark.parametrize("mode", ["none", "int4"])
 def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
@@ -265,9 +324,10 @@ def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
     assert torch.equal(got, want)
 
 
-def test_load_packs_cpu_weights():
-    """Llama.load on the CPU leaves the model's weights in 2 MiB-page mappings: the big embedding table
-    where loading put it (memory.huge_empty), everything else in one arena (memory.pack_weights)."""
+def test_load_places_cpu_weights_in_an_arena():
+    """Llama.load on the CPU makes a quantized model's weights side by side in 2 MiB-page chunks
+    (memory.WeightArena): SmolLM2's ~96 MiB in two, nothing left for pack_weights to copy, and the rotary
+    table only as long as the context asked for."""
     from llamarun import Llama, memory
 
     if not memory.huge_pages_available():
@@ -276,9 +336,12 @@ def test_load_packs_cpu_weights():
     tensors = [t for t in list(llm.model.parameters()) + list(llm.model.buffers()) if t.numel()]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
     assert all(memory.in_huge_mapping(st) for st in storages.values())
-    # The int8 embedding / output table's own mapping, and the arena with everything else (~66 MiB).
-    table, arena = sorted(st.nbytes() >> 20 for st in storages.values())
-    assert table == 49152 * 576 >> 20 and 64 <= arena <= 72
+    assert sorted(st.nbytes() for st in storages.values()) == [memory.WeightArena.CHUNK + memory.HUGE_PAGE] * 2
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in
+                   {(t.data_ptr(), t.numel()): t for t in tensors}.values())
+    assert all(a % 64 == 0 for a, _ in spans) and all(e <= a for (_, e), (a, _) in zip(spans, spans[1:]))
+    assert memory.pack_weights(llm.model) == 0
+    assert llm.model.rope.shape[0] == 64
 
 
 @pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")

@@ -175,8 +175,9 @@ def test_real_file_direct_equals_requantized(gguf_tensors):
 
 
 def test_file_tensors_convert_in_pieces(gguf_tensors, monkeypatch):
-    """A GGUF tensor converted block for block is read a piece at a time straight into its final tensors
-    (loading never holds a whole raw table and its converted copy at once), with the same result."""
+    """A GGUF tensor converted block for block is read a piece at a time, into one buffer, and each piece
+    converted straight into its rows of the result (loading never holds a whole raw table and its converted
+    copy at once, nor a converted copy of each piece), with the same result."""
     import llamarun.memory as M
 
     piece = 64 << 10
@@ -185,13 +186,15 @@ def test_file_tensors_convert_in_pieces(gguf_tensors, monkeypatch):
         mode = "int8" if t.tensor_type.name == "Q8_0" else "int4"
         whole = Q.from_gguf(t.data, t.tensor_type, _shape(t), mode)
         reads = []
-        read = type(t).read
+        read_into = type(t).read_into
         with monkeypatch.context() as mp:
             mp.setattr(M, "GGUF_READ_BYTES", piece)
-            mp.setattr(type(t), "read", lambda self, start, n: reads.append((start, n)) or read(self, start, n))
+            mp.setattr(type(t), "read_into", lambda self, start, out: reads.append((start, out.size, out.ctypes.data))
+                       or read_into(self, start, out))
             pieces = Q.from_gguf_file(t, _shape(t), mode)
-        assert len(reads) > 1 and max(n for _, n in reads) <= piece, name
-        assert sum(n for _, n in reads) == t.nbytes and reads[-1][0] + reads[-1][1] == t.nbytes
+        assert len(reads) > 1 and max(n for _, n, _ in reads) <= piece, name
+        assert sum(n for _, n, _ in reads) == t.nbytes and reads[-1][0] + reads[-1][1] == t.nbytes
+        assert len({address for _, _, address in reads}) == 1  # one buffer
         for a, b in ((whole.qweight, pieces.qweight), (whole.scales, pieces.scales), (whole.mins, pieces.mins)):
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
     # Another mode than the blocks' goes through float32, as from_gguf does.

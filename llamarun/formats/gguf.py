@@ -123,12 +123,17 @@ class TensorInfo:
 
     def read(self, start: int, nbytes: int) -> np.ndarray:
         """Bytes [start, start + nbytes) of the tensor's data (uint8), read from the file."""
+        data = np.empty(nbytes, dtype=np.uint8)
+        self.read_into(start, data)
+        return data
+
+    def read_into(self, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` (a contiguous uint8 array) with the tensor's bytes from ``start`` on."""
         with open(self.path, "rb") as f:
             f.seek(self.offset + start)
-            data = np.fromfile(f, dtype=np.uint8, count=nbytes)
-        if data.size != nbytes:
+            got = f.readinto(memoryview(out))
+        if got != out.size:
             raise FormatError(f"{self.path}: tensor {self.name} is truncated")
-        return data
 
 
 @dataclass
