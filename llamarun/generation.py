@@ -173,36 +173,61 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                 max_seq_len: int | None = None) -> Transformer:
     """Create the model without allocating it (meta device), then fill it tensor by tensor.
 
-    Each tensor is dequantized, converted and moved on its own, so peak memory stays near the final size.
-    The rotary table covers ``max_seq_len`` positions (default: the model's context; ``setup_cache``
-    extends it when asked for more).
+    Each tensor is dequantized, converted and moved on its own, so peak memory stays near the final size;
+    on a CPU each is converted straight into its place in ``memory.weight_arena``'s 2 MiB pages. The rotary
+    table covers ``max_seq_len`` positions (default: the model's context; ``setup_cache`` extends it when
+    asked for more).
     """
+    from .memory import weight_arena, weight_copy
+
     args = ckpt.args
     model = meta_model(args)
-    for name, param in list(model.named_parameters()):  # a tied output weight is listed once
-        value = load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype)
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.rope = rope_cache(args, max_seq_len or args.max_seq_len).to(device)
+    with weight_arena() if device.type == "cpu" else contextlib.nullcontext():
+        for name, param in list(model.named_parameters()):  # a tied output weight is listed once
+            value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.rope = weight_copy(rope_cache(args, max_seq_len or args.max_seq_len).to(device))
     return model.eval()
 
 
-def load_parameter(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+def load_parameter(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
     """The checkpoint tensor(s) behind one model parameter, concatenated if the model fuses them,
-    checked against the shape the config implies."""
-    parts = []
-    for part in checkpoint_names(name):
-        try:
-            parts.append(ckpt.tensors[part])
-        except KeyError:
-            raise FormatError(f"{ckpt.path}: missing tensor {part}") from None
+    checked against the shape the config implies; converted to ``dtype`` on ``device`` when given. On a
+    CPU the parts are then converted straight into their rows of one ``memory.weight_empty`` tensor (the
+    loading model's arena): no concatenated float32 copy and no converted copy beside it, which made an
+    unquantized SmolLM2's load peak anywhere between 570 and 710 MiB."""
+    from .memory import weight_empty
+
+    names = checkpoint_names(name)
+    if dtype is not None and (device is None or device.type == "cpu"):
+        out, r0 = weight_empty(shape, dtype), 0
+        for part in names:
+            t = _checkpoint_tensor(ckpt, part)
+            if t.shape[1:] != shape[1:] or r0 + t.shape[0] > shape[0]:
+                break
+            out[r0 : r0 + t.shape[0]].copy_(t)
+            r0 += t.shape[0]
+            del t
+        else:
+            if r0 == shape[0]:
+                return out
+    parts = [_checkpoint_tensor(ckpt, part) for part in names]
     tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if tuple(tensor.shape) != shape:
         shapes = " + ".join(str(tuple(p.shape)) for p in parts)
         raise FormatError(f"{ckpt.path}: tensor {name} has shape {shapes}, the config implies {shape}")
-    return tensor
+    return tensor if dtype is None else tensor.to(device=device, dtype=dtype)
+
+
+def _checkpoint_tensor(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    try:
+        return ckpt.tensors[name]
+    except KeyError:
+        raise FormatError(f"{ckpt.path}: missing tensor {name}") from None
 
 
 def place_layers(model: Transformer, device: torch.device, first_cpu_layer: int) -> None:

@@ -158,6 +158,11 @@ class WeightArena:
     def __init__(self) -> None:
         self._chunk: torch.Tensor | None = None
         self._offset = self._end = 0
+        self._chunks: set[int] = set()  # their storages' addresses
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in one of the arena's chunks."""
+        return t.untyped_storage().data_ptr() in self._chunks
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena."""
@@ -166,6 +171,7 @@ class WeightArena:
             return huge_empty(shape, dtype)
         if self._chunk is None or self._offset + nbytes > self._end:
             self._chunk = huge_empty((self.CHUNK + HUGE_PAGE,), torch.uint8)
+            self._chunks.add(self._chunk.untyped_storage().data_ptr())
             self._offset = -self._chunk.data_ptr() % HUGE_PAGE  # the first tensor starts a 2 MiB page
             self._end = self._offset + self.CHUNK
         t = self._chunk[self._offset : self._offset + nbytes].view(dtype).view(shape)
@@ -193,8 +199,11 @@ def weight_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def weight_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor ``t`` made by :func:`weight_empty` (``t`` itself elsewhere, or if empty)."""
-    if t.device.type != "cpu" or _ARENA is None or not t.numel():
+    """CPU tensor ``t`` in the active :func:`weight_arena`: a copy made by :func:`weight_empty`, or ``t``
+    itself when it is in one of the arena's or :func:`huge_empty`'s mappings already, is empty, or no arena
+    is active."""
+    if (t.device.type != "cpu" or _ARENA is None or not t.numel() or _ARENA.holds(t)
+            or in_huge_mapping(t.untyped_storage())):
         return t
     out = weight_empty(tuple(t.shape), t.dtype)
     out.copy_(t)

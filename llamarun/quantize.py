@@ -517,6 +517,7 @@ def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: st
     maps onto ``mode`` are converted block-for-block (lossless); anything else is dequantized one tensor at
     a time and quantized, so the whole model never exists in float32.
     """
+    from .memory import weight_copy
     from .model import checkpoint_names
 
     _check_mode(mode)
@@ -544,6 +545,8 @@ def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: st
             qt = QuantizedTensor.cat(parts)
         except ValueError:  # parts of different source types: requantize the concatenation
             qt = quantize_tensor(torch.cat([p.dequantize() for p in parts]), mode, group_size)
+        qt = QuantizedTensor(qt.mode, weight_copy(qt.qweight), weight_copy(qt.scales),
+                             None if qt.mins is None else weight_copy(qt.mins), qt.group_size)  # into the arena
     if qt.shape != tuple(shape):
         raise FormatError(f"{ckpt.path}: tensor {name} has shape {qt.shape}, the config implies {tuple(shape)}")
     return qt
@@ -891,7 +894,7 @@ def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: to
         qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), output_mode, out_gs)
         model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
     for name, param in list(model.named_parameters()):  # what is left: the norms
-        value = weight_copy(load_parameter(ckpt, name, tuple(param.shape)).to(device=device, dtype=dtype))
+        value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
         module_name, _, leaf = name.rpartition(".")
         model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     model.rope = weight_copy(rope_cache(args, max_seq_len or args.max_seq_len).to(device))

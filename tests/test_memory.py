@@ -222,7 +222,8 @@ def test_huge_empty():
 def test_weight_arena():
     """Within memory.weight_arena, weight_empty places tensors side by side (each on a cache line, the
     first on a 2 MiB page) in chunks; a tensor that does not fit starts a new chunk, one of half a chunk or
-    more gets its own mapping; weight_copy copies into the arena. Outside it: huge_empty, and no copy."""
+    more gets its own mapping; weight_copy copies into the arena what is not there yet. Outside it:
+    huge_empty, and no copy."""
     from llamarun import memory
 
     chunk = memory.WeightArena.CHUNK
@@ -233,6 +234,8 @@ def test_weight_arena():
         big = memory.weight_empty((chunk // 2,), torch.uint8)
         x1 = memory.weight_empty((chunk // 2 - 64,), torch.uint8)
         x2 = memory.weight_empty((chunk // 2 - 64,), torch.uint8)  # does not fit after a, b, c, x1
+        assert memory.weight_copy(b) is b  # in the arena already: no second copy
+        assert memory.weight_copy(big) is big or not memory.huge_pages_available()  # in a huge mapping
     for t in (a, b, x1, x2):
         t.fill_(1)
     assert a.shape == (3, 5) and a.dtype == torch.int16 and int(a.sum()) == 15 and int(b.sum()) == 1000
@@ -324,23 +327,29 @@ def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):
     assert torch.equal(got, want)
 
 
-def test_load_places_cpu_weights_in_an_arena():
-    """Llama.load on the CPU makes a quantized model's weights side by side in 2 MiB-page chunks
-    (memory.WeightArena): SmolLM2's ~96 MiB in two, nothing left for pack_weights to copy, and the rotary
-    table only as long as the context asked for."""
-    from llamarun import Llama, memory
+@pytest.mark.parametrize("quantize", ["auto", "int8", "none"])
+def test_load_places_cpu_weights_in_an_arena(quantize, monkeypatch):
+    """Llama.load on the CPU makes the weights in place, side by side in 2 MiB-page chunks
+    (memory.WeightArena): the int4 default model's ~96 MiB in two chunks, the int8 (converted through
+    float32) and unquantized ones too, so pack_weights has nothing left to copy but what the bf16 path
+    remakes in float32 (the norms, a few KiB); the rotary table only as long as the context."""
+    from llamarun import Llama, generation, memory
 
     if not memory.huge_pages_available():
         pytest.skip("no transparent huge pages")
-    llm = Llama.load(None, max_seq_len=64)
+    moved = []
+    pack = generation.pack_weights
+    monkeypatch.setattr(generation, "pack_weights", lambda model: moved.append(pack(model)) or moved[-1])
+    llm = Llama.load(None, max_seq_len=64, quantize=quantize)
     tensors = [t for t in list(llm.model.parameters()) + list(llm.model.buffers()) if t.numel()]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
     assert all(memory.in_huge_mapping(st) for st in storages.values())
-    assert sorted(st.nbytes() for st in storages.values()) == [memory.WeightArena.CHUNK + memory.HUGE_PAGE] * 2
+    assert len(moved) == 1 and moved[0] < (1 << 20)
+    if quantize == "auto":
+        assert sorted(st.nbytes() for st in storages.values()) == [memory.WeightArena.CHUNK + memory.HUGE_PAGE] * 2
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in
                    {(t.data_ptr(), t.numel()): t for t in tensors}.values())
     assert all(a % 64 == 0 for a, _ in spans) and all(e <= a for (_, e), (a, _) in zip(spans, spans[1:]))
-    assert memory.pack_weights(llm.model) == 0
     assert llm.model.rope.shape[0] == 64
 
 
