@@ -392,7 +392,10 @@ def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode
     table = args.vocab_size * args.dim
     layer = 2 * args.hidden_dim * args.dim  # the fused w13
     if mode == "none":
-        return max(table, layer) * 4
+        # A tied table is converted first (build_model follows the parameters' order), when nothing else is
+        # loaded: its float32 copy then stays under the model's final size (SmolLM2: 108 MiB beside 257 MiB
+        # of bf16 weights), and the largest transient on top of the weights is a layer's.
+        return (layer if args.tie_embeddings else max(table, layer)) * 4
     layer_t = quantized_bytes(2 * args.hidden_dim, args.dim, mode) if mode == native_mode else 3 * layer * 4
     table_t = (min(quantized_bytes(args.vocab_size, args.dim, "int8"), 2 * GGUF_READ_BYTES)
                if edge_native_mode == "int8" else 3 * table * 4)

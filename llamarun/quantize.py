@@ -446,7 +446,7 @@ def _empty(mode: str, n: int, k: int) -> QuantizedTensor:
     ``memory.huge_empty`` mappings."""
     from .memory import weight_empty
 
-    return _new(mode, n, k, lambda shape, dtype: weight_empty(shape, dtype))
+    return _new(mode, n, k, weight_empty)
 
 
 def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | None = None,
@@ -470,7 +470,8 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
     if row_bytes * n != t.nbytes:
         raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
     step = max(1, min(n, GGUF_READ_BYTES // row_bytes))
-    out = out or _empty(mode, n, k)
+    if out is None:
+        out = _empty(mode, n, k)
     buf = torch.empty(step * row_bytes, dtype=torch.uint8)
     rows_of = lambda f, r0, r1: None if f is None else f[r0:r1]  # noqa: E731
     for r0 in range(0, n, step):
