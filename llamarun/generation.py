@@ -182,7 +182,7 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
 
     args = ckpt.args
     model = meta_model(args)
-    with weight_arena() if device.type == "cpu" else contextlib.nullcontext():
+    with weight_arena(device):
         for name, param in list(model.named_parameters()):  # a tied output weight is listed once
             value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
             module_name, _, leaf = name.rpartition(".")
@@ -715,7 +715,8 @@ class Llama:
             if logprobs:
                 self._score(run, logits, prev, cur)
             return logits[:, -1]
-        pool = cur - prev > 1 and self._prefill_in_kernels()
+        prefill = cur - prev > 1
+        pool = prefill and self._prefill_in_kernels()
         # On a CPU a chunk is CPU_PREFILL_CHUNK positions over all rows: a batch's activations stay what one
         # prompt's are (the GEMMs are as fast from ~256 rows on).
         chunk = max(1, CPU_PREFILL_CHUNK // run.tokens.shape[0]) if run.tokens.is_cpu else PREFILL_CHUNK
@@ -725,7 +726,7 @@ class Llama:
                 logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)
                 if logprobs:
                     self._score(run, logits, a, b)
-        if run.tokens.is_cpu and cur - prev > 1:
+        if run.tokens.is_cpu and prefill:
             # The prefill's activations, freed, go back to the system (~1-3 ms): glibc kept them in the heap,
             # where decode steps needed little of them and a later, larger batch or prompt did not reuse them
             # all (the default model's peak over compare.py's workload 386-387 -> 381-382 MiB).

@@ -183,9 +183,13 @@ _ARENA: WeightArena | None = None
 
 
 @contextlib.contextmanager
-def weight_arena() -> Iterator[WeightArena]:
-    """Within it, :func:`weight_empty` allocates from one :class:`WeightArena` (loaders use it on a CPU)."""
+def weight_arena(device: torch.device | str = "cpu") -> Iterator[WeightArena | None]:
+    """Within it, :func:`weight_empty` allocates from one :class:`WeightArena`, for a model loading on
+    ``device``: on a CPU (elsewhere it does nothing and gives None)."""
     global _ARENA
+    if torch.device(device).type != "cpu":
+        yield None
+        return
     outer, _ARENA = _ARENA, WeightArena()
     try:
         yield _ARENA

@@ -26,7 +26,6 @@ checkpoint, one tensor at a time; GGUF blocks converted directly), :func:`save_q
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 import warnings
@@ -370,42 +369,40 @@ def _fill_q4_1(b: torch.Tensor, out: QuantizedTensor) -> None:
     out.mins.view(-1, 1).view(torch.uint8).copy_(b[:, 2:4])
 
 
-def _convert(fill: Callable[[torch.Tensor, QuantizedTensor], None], mode: str, block_bytes: int,
-             raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+# (GGUF type, mode) -> the block-for-block, lossless fill, and each type's block size in bytes.
+_GGUF_FILL = {("Q8_0", "int8"): _fill_q8_0, ("Q4_0", "int4"): _fill_q4_0, ("Q4_0", "int8"): _fill_q4_0_int8,
+              ("Q4_1", "int4"): _fill_q4_1}
+_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+
+
+def _convert(type_name: str, mode: str, raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
+    """GGUF blocks of type ``type_name`` as a new ``mode`` tensor [N, K], through their fill."""
     n, k = shape
-    b = _blocks(raw, block_bytes, shape)
+    b = _blocks(raw, _GGUF_BLOCK_BYTES[type_name], shape)
     out = _new(mode, n, k, torch.empty)
-    fill(b, out)
+    _GGUF_FILL[type_name, mode](b, out)
     return out
 
 
 def from_gguf_q8_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """Q8_0 blocks -> int8, group size 32. Lossless."""
-    return _convert(_fill_q8_0, "int8", 34, raw, shape)
+    return _convert("Q8_0", "int8", raw, shape)
 
 
 def from_gguf_q4_0(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """Q4_0 blocks -> int4 with min = -8 d, group size 32. Lossless."""
-    return _convert(_fill_q4_0, "int4", 18, raw, shape)
+    return _convert("Q4_0", "int4", raw, shape)
 
 
 def from_gguf_q4_0_int8(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """Q4_0 blocks as int8, group size 32. Lossless: the output layer and embedding of a Q4_0 file load as
     int8 without a float32 round trip (~6 s of a 7B load)."""
-    return _convert(_fill_q4_0_int8, "int8", 18, raw, shape)
+    return _convert("Q4_0", "int8", raw, shape)
 
 
 def from_gguf_q4_1(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """Q4_1 blocks -> int4, group size 32. Lossless."""
-    return _convert(_fill_q4_1, "int4", 20, raw, shape)
-
-
-# (GGUF type, mode) -> a block-for-block, lossless conversion, and the fill it uses.
-_GGUF_DIRECT = {("Q8_0", "int8"): from_gguf_q8_0, ("Q4_0", "int4"): from_gguf_q4_0,
-                ("Q4_0", "int8"): from_gguf_q4_0_int8, ("Q4_1", "int4"): from_gguf_q4_1}
-_GGUF_FILL = {("Q8_0", "int8"): _fill_q8_0, ("Q4_0", "int4"): _fill_q4_0, ("Q4_0", "int8"): _fill_q4_0_int8,
-              ("Q4_1", "int4"): _fill_q4_1}
-_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+    return _convert("Q4_1", "int4", raw, shape)
 
 
 def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_size: int | None = None) -> QuantizedTensor:
@@ -416,7 +413,7 @@ def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_siz
     _check_mode(mode)
     direct = _direct(qtype, mode, group_size)
     if direct:
-        return direct(raw, shape)
+        return _convert(*direct, raw, shape)
     return quantize_tensor(dequantize(raw, qtype, shape).float(), mode, group_size)
 
 
@@ -425,11 +422,11 @@ def _type_name(qtype: Any) -> str:
     return getattr(qtype, "name", str(qtype))
 
 
-def _direct(qtype: Any, mode: str, group_size: int | None) -> Callable[[Any, tuple[int, int]], QuantizedTensor] | None:
-    """The block-for-block conversion of GGUF type ``qtype`` to ``mode``, or None if there is none."""
-    if group_size not in (None, QK):
-        return None
-    return _GGUF_DIRECT.get((_type_name(qtype), mode))
+def _direct(qtype: Any, mode: str, group_size: int | None) -> tuple[str, str] | None:
+    """The (type name, mode) key of GGUF type ``qtype``'s block-for-block conversion to ``mode`` in
+    ``_GGUF_FILL``, or None if there is none."""
+    key = (_type_name(qtype), mode)
+    return key if group_size in (None, QK) and key in _GGUF_FILL else None
 
 
 def _new(mode: str, n: int, k: int, empty: Callable[..., torch.Tensor]) -> QuantizedTensor:
@@ -459,8 +456,8 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
     15-30 MiB of heap that only ``malloc_trim`` gave back."""
     from .memory import GGUF_READ_BYTES
 
-    key = (_type_name(t.tensor_type), mode)
-    if _direct(t.tensor_type, mode, group_size) is None:
+    key = _direct(t.tensor_type, mode, group_size)
+    if key is None:
         return from_gguf(t.data, t.tensor_type, shape, mode, group_size)
     n, k = shape
     if k % QK:
@@ -868,7 +865,7 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
     _check_mode(output_mode)
     device = torch.device(device)
     # On a CPU the weights are made in place, side by side in 2 MiB pages (see memory.WeightArena).
-    with weight_arena() if device.type == "cpu" else contextlib.nullcontext():
+    with weight_arena(device):
         return _build_quantized_model(ckpt, mode, device, dtype, group_size, output_mode, max_seq_len)
 
 

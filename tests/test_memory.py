@@ -249,6 +249,8 @@ def test_weight_arena():
         assert a.untyped_storage().nbytes() == chunk + memory.HUGE_PAGE
     t = torch.ones(3)
     assert memory.weight_copy(t) is t  # outside the arena
+    with memory.weight_arena("meta") as arena:  # a model loading elsewhere: no arena
+        assert arena is None and memory.weight_copy(t) is t
     outside = memory.weight_empty((3, 5), torch.int16)
     assert outside.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
 
