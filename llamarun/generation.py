@@ -28,7 +28,8 @@ from .config import ModelArgs
 from .device import pick_device, pick_dtype, set_threads
 from .errors import FormatError, UsageError
 from .formats import Checkpoint, load_checkpoint
-from .memory import CPU_PREFILL_CHUNK, PREFILL_CHUNK, lazy_zeros, pack_weights, release_free_memory
+from .memory import (CPU_PREFILL_CHUNK, PREFILL_CHUNK, lazy_zeros, pack_weights, release_free_memory,
+                     release_pages)
 from .model import Transformer, checkpoint_names, rope_cache
 from .sampling import NonFiniteLogits, SamplingParams, apply_penalties, sample
 from .tokenizer import Tokenizer
@@ -645,63 +646,81 @@ class Llama:
             self._setup_cache(max(bsz, self.max_batch_size or 1), self.max_seq_len)
         else:
             self._setup_cache(bsz, total_len)
-        start = min(lengths)
-        if logprobs and start == total_len:  # nothing to generate: score the prompt only
+        try:
+            start = min(lengths)
+            if logprobs and start == total_len:  # nothing to generate: score the prompt only
+                with torch.inference_mode():
+                    self._feed(run, 0, start, logprobs=True)
+                return
+            prev = 0
+            t_step = time.perf_counter()
             with torch.inference_mode():
-                self._feed(run, 0, start, logprobs=True)
-            return
-        prev = 0
-        t_step = time.perf_counter()
-        with torch.inference_mode():
-            for cur in range(start, total_len):
-                if all(run.done):
-                    break
-                # Prefill (first step) feeds min(lengths) tokens, every later step one.
-                last = self._feed(run, prev, cur, logprobs)
-                with _one_cpu_thread(last):
-                    if sampling.uses_penalties:
-                        last = apply_penalties(last, tokens[:, :cur], tokens[:, :cur] >= 0, sampling)
-                    try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
-                        nxt = sample(last, sampling, gen)
-                    except NonFiniteLogits:
-                        raise NonFiniteLogits(last, position=cur - 1) from None
-                    if cur < longest:  # rows still reading their prompt keep its token
-                        nxt = torch.where(run.prompt_mask[:, cur], tokens[:, cur], nxt)
-                    tokens[:, cur] = nxt
-                    lp = None
-                    if logprobs:
-                        lp = torch.log_softmax(last, dim=-1).gather(1, nxt[:, None]).squeeze(1)
-                        run.token_logprobs[:, cur] = lp
-                    del last  # else two steps' logits are alive while the next is computed: 3 MiB at batch 16
-                # One host sync per step (the ids); which rows are in their prompt or stopped is plain Python.
-                nxt_l = nxt.tolist()
-                in_prompt_l = [cur < n for n in lengths]
-                lp_l = lp.tolist() if lp is not None else [None] * bsz
-                now = time.perf_counter()
-                is_prefill = cur == start
-                if is_prefill:
-                    stats.prefill_s = now - t_step
-                else:
-                    stats.decode_s += now - t_step
-                    stats.decode_steps += 1
-                t_step = now
-                prev = cur
-                for i in range(bsz):
-                    if run.done[i] or in_prompt_l[i]:
-                        continue
-                    run.counts[i] += 1
-                    finished = ((nxt_l[i] in stop_set and not ignore_eos) or run.counts[i] >= max_gen_len
-                                or cur + 1 == total_len)
-                    run.done[i] = finished
-                    stats.generated_tokens += 1
-                    stats.decode_tokens += not is_prefill
-                    yield TokenResult(i, nxt_l[i], lp_l[i], run.counts[i] - 1, finished)
-                t_step = time.perf_counter()  # time spent in the consumer is not the engine's
+                for cur in range(start, total_len):
+                    if all(run.done):
+                        break
+                    # Prefill (first step) feeds min(lengths) tokens, every later step one.
+                    last = self._feed(run, prev, cur, logprobs)
+                    with _one_cpu_thread(last):
+                        if sampling.uses_penalties:
+                            last = apply_penalties(last, tokens[:, :cur], tokens[:, :cur] >= 0, sampling)
+                        try:  # costs nothing unless it raises (Python 3.11's zero-cost exceptions)
+                            nxt = sample(last, sampling, gen)
+                        except NonFiniteLogits:
+                            raise NonFiniteLogits(last, position=cur - 1) from None
+                        if cur < longest:  # rows still reading their prompt keep its token
+                            nxt = torch.where(run.prompt_mask[:, cur], tokens[:, cur], nxt)
+                        tokens[:, cur] = nxt
+                        lp = None
+                        if logprobs:
+                            lp = torch.log_softmax(last, dim=-1).gather(1, nxt[:, None]).squeeze(1)
+                            run.token_logprobs[:, cur] = lp
+                        del last  # else two steps' logits are alive while the next is computed (3 MiB at b16)
+                    # One host sync per step (the ids); which rows are in their prompt or stopped: plain Python.
+                    nxt_l = nxt.tolist()
+                    in_prompt_l = [cur < n for n in lengths]
+                    lp_l = lp.tolist() if lp is not None else [None] * bsz
+                    now = time.perf_counter()
+                    is_prefill = cur == start
+                    if is_prefill:
+                        stats.prefill_s = now - t_step
+                    else:
+                        stats.decode_s += now - t_step
+                        stats.decode_steps += 1
+                    t_step = now
+                    prev = cur
+                    for i in range(bsz):
+                        if run.done[i] or in_prompt_l[i]:
+                            continue
+                        run.counts[i] += 1
+                        finished = ((nxt_l[i] in stop_set and not ignore_eos) or run.counts[i] >= max_gen_len
+                                    or cur + 1 == total_len)
+                        run.done[i] = finished
+                        stats.generated_tokens += 1
+                        stats.decode_tokens += not is_prefill
+                        yield TokenResult(i, nxt_l[i], lp_l[i], run.counts[i] - 1, finished)
+                    t_step = time.perf_counter()  # time spent in the consumer is not the engine's
+        finally:
+            # Every generation starts again from position 0: nothing in the cache is read by the next one.
+            self._release_cache()
+            if self.device.type == "cpu":
+                release_free_memory()
 
     def _setup_cache(self, rows: int, seq: int) -> None:
         """A KV cache for ``rows`` x ``seq`` tokens (the current one when it fits); a new one is resident only
         where it is written (``memory.lazy_zeros``)."""
         self.model.setup_cache(rows, seq, self.kv_dtype, zeros=lazy_zeros)
+
+    def _release_cache(self) -> None:
+        """Hand a CPU KV cache's written pages back to the system (``memory.release_pages``; a no-op for other
+        caches), keeping its addresses: a long prompt's pages otherwise stayed resident under every later,
+        shorter generation (compare.py's workload, whose 512-token prefill comes before its batch-16 decode:
+        10 MiB of the default model's peak), and an idle engine held its last generation's. Writing them
+        again costs a page fault each: ~1 ms per 1,000 tokens of SmolLM2's cache."""
+        for layer in self.model.layers:
+            cache = layer.attention.cache
+            if cache is not None:
+                release_pages(cache.k)
+                release_pages(cache.v)
 
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
         """Run tokens prev..cur-1 through the model (in pieces of PREFILL_CHUNK tokens, on a CPU of

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import mmap
 import os
 import re
+import sys
 import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
@@ -107,8 +109,6 @@ HUGE_PAGE = 2 * MiB
 def huge_pages_available() -> bool:
     """Whether this process can ask for transparent huge pages (Linux with THP in "always" or "madvise");
     read once (loading asks for every big tensor)."""
-    import mmap
-
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read()
@@ -117,27 +117,34 @@ def huge_pages_available() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in mode
 
 
-# huge_empty's live mappings, by the address of their first byte (a weak reference to each: the tensor's
-# storage keeps its mapping alive, and a dead entry's address may be reused).
+# huge_empty's and lazy_zeros' live mappings, by the address of their first byte (a weak reference to each:
+# the tensor's storage keeps its mapping alive, and a dead entry's address may be reused).
 _HUGE_MAPPINGS: dict[int, weakref.ref] = {}
+_LAZY_MAPPINGS: dict[int, weakref.ref] = {}
+
+
+def _mapped(nbytes: int, dtype: torch.dtype, registry: dict[int, weakref.ref],
+            advice: int | None = None) -> torch.Tensor:
+    """A 1-D CPU tensor of ``nbytes`` in a private anonymous mapping of its own (given ``advice`` before its
+    first touch), recorded in ``registry``."""
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if advice is not None:
+        buf.madvise(advice)
+    t = torch.frombuffer(buf, dtype=dtype)  # the tensor's storage keeps the mapping alive
+    for addr in [a for a, ref in registry.items() if ref() is None]:
+        del registry[addr]
+    registry[t.data_ptr()] = weakref.ref(buf)
+    return t
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in a mapping of its own that asks for 2 MiB pages before its first touch
     (torch.empty where huge pages are unavailable or the tensor is under 2 MiB). Loading fills the big
     weights once: a 7B model's 7 GB first touched in 4 KiB pages spent ~10 s in page faults on a 2-core VM."""
-    import mmap
-
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not huge_pages_available():
         return torch.empty(shape, dtype=dtype)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    t = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
-    for addr in [a for a, ref in _HUGE_MAPPINGS.items() if ref() is None]:
-        del _HUGE_MAPPINGS[addr]
-    _HUGE_MAPPINGS[t.data_ptr()] = weakref.ref(buf)
-    return t
+    return _mapped(nbytes, dtype, _HUGE_MAPPINGS, mmap.MADV_HUGEPAGE).view(shape)
 
 
 class WeightArena:
@@ -159,10 +166,20 @@ class WeightArena:
         self._chunk: torch.Tensor | None = None
         self._offset = self._end = 0
         self._chunks: set[int] = set()  # their storages' addresses
+        self._scratch: torch.Tensor | None = None
 
     def holds(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in one of the arena's chunks."""
         return t.untyped_storage().data_ptr() in self._chunks
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of ``nbytes`` for reading the checkpoint, the same memory for every tensor of the load
+        (at least GGUF_READ_BYTES): a buffer of its own per tensor was memory the kernel had to fault in and
+        zero again for each, the whole file over (the default model: ~10% of its weights' load time)."""
+        if self._scratch is None or self._scratch.numel() < nbytes:
+            self._scratch = None  # the old one goes first
+            self._scratch = torch.empty(max(nbytes, GGUF_READ_BYTES), dtype=torch.uint8)
+        return self._scratch[:nbytes]
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena."""
@@ -202,6 +219,12 @@ def weight_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return _ARENA.empty(shape, dtype) if _ARENA is not None else huge_empty(shape, dtype)
 
 
+def read_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of ``nbytes`` to read checkpoint data into: the active :func:`weight_arena`'s reused one
+    (:meth:`WeightArena.scratch`), else a new one."""
+    return _ARENA.scratch(nbytes) if _ARENA is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+
 def weight_copy(t: torch.Tensor) -> torch.Tensor:
     """CPU tensor ``t`` in the active :func:`weight_arena`: a copy made by :func:`weight_empty`, or ``t``
     itself when it is in one of the arena's or :func:`huge_empty`'s mappings already, is empty, or no arena
@@ -224,14 +247,33 @@ def lazy_zeros(shape: tuple[int, ...], *, dtype: torch.dtype,
     SmolLM2 at 4096 tokens, of which a short chat touches a few MiB). Being a mapping of its own, it also
     goes back to the system when freed, where a cache in the C heap left holes that the next allocations
     did not fill: the default model's peak over compare.py's workload 385-386 -> 381-382 MiB. Elsewhere,
-    and under 64 KiB, ``torch.zeros``."""
-    import mmap
-
+    and under 64 KiB, ``torch.zeros``. :func:`release_pages` makes it zeros again, resident nowhere."""
     nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device or "cpu").type != "cpu" or nbytes < 64 * 1024:
         return torch.zeros(shape, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor's storage keeps the mapping alive
+    return _mapped(nbytes, dtype, _LAZY_MAPPINGS).view(shape)
+
+
+# Linux's MADV_DONTNEED drops a private anonymous page, which then reads as zeros; elsewhere it is a hint.
+_ZERO_ON_DONTNEED = sys.platform.startswith("linux") and hasattr(mmap, "MADV_DONTNEED")
+
+
+def release_pages(t: torch.Tensor) -> bool:
+    """Give the pages of a :func:`lazy_zeros` tensor (all of it, also through a view) back to the system: it
+    reads as zeros again and is resident nowhere until written, at the same address. A no-op returning False
+    for any other tensor, or off Linux.
+
+    For the KV cache between generations (each starts again from position 0): a long prompt's pages would
+    otherwise stay resident under every later, shorter generation."""
+    if not _ZERO_ON_DONTNEED:
+        return False
+    st = t.untyped_storage()
+    ref = _LAZY_MAPPINGS.get(st.data_ptr()) if t.device.type == "cpu" else None
+    buf = ref() if ref is not None else None
+    if buf is None or len(buf) != st.nbytes():
+        return False
+    buf.madvise(mmap.MADV_DONTNEED)  # a private anonymous mapping: the next read finds the zero page
+    return True
 
 
 def in_huge_mapping(storage: Any) -> bool:

@@ -105,19 +105,34 @@ def test_cpu_prefill_chunks_count_positions_over_rows(monkeypatch):
 
 
 def test_cpu_generation_cache_and_heap(monkeypatch):
-    """On a CPU the KV cache comes from memory.lazy_zeros (resident only where written), and each
-    generation hands the heap's free pages back once, after its prefill."""
+    """On a CPU the KV cache comes from memory.lazy_zeros (resident only where written); each generation hands
+    the heap's free pages back after its prefill and at its end, and the cache's pages at its end (also when
+    the consumer stops early), and the next generation, on the same cache, is the same."""
+    import math
+
     from llamarun import generation, memory
 
+    def lazy(shape, dtype, device=None):  # as lazy_zeros, small tensors included (a tiny model's cache is)
+        made.append(shape)
+        return memory._mapped(math.prod(shape) * dtype.itemsize, dtype, memory._LAZY_MAPPINGS).view(shape)
+
     llm = tiny_llama()
-    made, trims = [], []
-    monkeypatch.setattr(generation, "lazy_zeros", lambda *a, **k: made.append(a[0]) or memory.lazy_zeros(*a, **k))
+    made, trims, released = [], [], []
+    monkeypatch.setattr(generation, "lazy_zeros", lazy)
     monkeypatch.setattr(generation, "release_free_memory", lambda: trims.append(1) or memory.release_free_memory())
-    llm.generate([[3, 7, 11], [2, 9]], 5, temperature=0)
+    monkeypatch.setattr(generation, "release_pages", lambda t: released.append(t.data_ptr()) or memory.release_pages(t))
+    first = llm.generate([[3, 7, 11], [2, 9]], 5, temperature=0)
     a = llm.args
-    assert made == [(2, a.n_kv_heads, 3 + 5, a.head_dim)] * (2 * a.n_layers) and len(trims) == 1
-    llm.generate([[3, 7, 11]], 4, temperature=0)  # the cache fits: kept
-    assert len(made) == 2 * a.n_layers and len(trims) == 2
+    assert made == [(2, a.n_kv_heads, 3 + 5, a.head_dim)] * (2 * a.n_layers) and len(trims) == 2
+    caches = [c for layer in llm.model.layers for c in (layer.attention.cache.k, layer.attention.cache.v)]
+    assert sorted(released) == sorted(c.data_ptr() for c in caches)
+    assert not any(c.any() for c in caches)  # given back: zeros again
+    assert llm.generate([[3, 7, 11], [2, 9]], 5, temperature=0) == first  # the cache fits: kept
+    assert len(made) == 2 * a.n_layers and len(trims) == 4 and len(released) == 2 * len(caches)
+    stream = llm.stream([[3, 7, 11]], 4)
+    next(stream)
+    stream.close()
+    assert len(released) == 3 * len(caches)
 
 
 def test_kv_cache_dtype(monkeypatch):

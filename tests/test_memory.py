@@ -283,6 +283,25 @@ def test_lazy_zeros_is_resident_only_where_written():
     assert memory.lazy_zeros((2, 3), dtype=torch.float32, device="meta").device.type == "meta"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_release_pages():
+    """memory.release_pages: a lazy_zeros tensor's written pages go back to the system, and it reads as zeros
+    again at the same address (still writable); any other tensor is left as it is."""
+    from llamarun import memory
+
+    t = memory.lazy_zeros((16, 1024, 1024), dtype=torch.float32)  # 64 MiB
+    before, address = _rss_mib(), t.data_ptr()
+    t.fill_(2.0)
+    assert _rss_mib() - before > 48
+    assert memory.release_pages(t)
+    assert _rss_mib() - before < 8 and t.data_ptr() == address and not t.any()
+    t[0] = 1.0
+    assert float(t[0].mean()) == 1.0 and not t[1:].any()
+    dense, small = torch.ones(1024, 1024), memory.lazy_zeros((2, 3), dtype=torch.float32) + 1
+    assert not memory.release_pages(dense) and not memory.release_pages(small)
+    assert bool(dense.all()) and bool(small.all())
+
+
 @pytest.mark.skipif(not __import__("llamarun").memory.huge_pages_available(), reason="no transparent huge pages")
 @pytest.mark.parametrize("mode", ["none", "int4"])
 def test_pack_weights_moves_every_tensor_into_one_huge_page_arena(mode):

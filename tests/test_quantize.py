@@ -197,6 +197,15 @@ def test_file_tensors_convert_in_pieces(gguf_tensors, monkeypatch):
         assert len({address for _, _, address in reads}) == 1  # one buffer
         for a, b in ((whole.qweight, pieces.qweight), (whole.scales, pieces.scales), (whole.mins, pieces.mins)):
             assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    # Loading (a weight arena) reads every tensor into the same buffer.
+    reads = []
+    with monkeypatch.context() as mp, M.weight_arena():
+        mp.setattr(type(t), "read_into", lambda self, start, out: reads.append(out.ctypes.data)
+                   or read_into(self, start, out))
+        for name in ("token_embd.weight", "blk.3.ffn_down.weight", "blk.3.attn_q.weight"):
+            t = gguf_tensors[name]
+            Q.from_gguf_file(t, _shape(t), "int8" if t.tensor_type.name == "Q8_0" else "int4")
+    assert len(reads) >= 3 and len(set(reads)) == 1
     # Another mode than the blocks' goes through float32, as from_gguf does.
     t = gguf_tensors["blk.3.ffn_down.weight"]
     assert torch.equal(Q.from_gguf_file(t, _shape(t), "int8").qweight,
