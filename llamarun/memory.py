@@ -175,7 +175,8 @@ class WeightArena:
     def scratch(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of ``nbytes`` for reading the checkpoint, the same memory for every tensor of the load
         (at least GGUF_READ_BYTES): a buffer of its own per tensor was memory the kernel had to fault in and
-        zero again for each, the whole file over (the default model: ~10% of its weights' load time)."""
+        zero again for each, the whole file over (with the word copies of ``quantize``'s fills, the default
+        model's weights load in 0.245 s instead of 0.305: medians of 6 fresh processes)."""
         if self._scratch is None or self._scratch.numel() < nbytes:
             self._scratch = None  # the old one goes first
             self._scratch = torch.empty(max(nbytes, GGUF_READ_BYTES), dtype=torch.uint8)
