@@ -88,6 +88,27 @@ def _report(results):
             "ratios": compare.compute_ratios(results, rows), "notes": ["llama.cpp: skipped (not importable)"]}
 
 
+def test_sources_are_byte_compiled_before_the_workers(tmp_path, monkeypatch):
+    """The workers import llamarun compiled, as an installed package's is: _byte_compile writes the bytecode
+    of every module that lacks it, PYTHONDONTWRITEBYTECODE or not, and run() does it for llamarun's columns."""
+    import importlib.util
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for f in (pkg / "__init__.py", pkg / "sub" / "mod.py"):
+        f.write_text("X = 1\n")
+    compare._byte_compile(pkg)
+    for f in (pkg / "__init__.py", pkg / "sub" / "mod.py"):
+        assert Path(importlib.util.cache_from_source(str(f))).is_file(), f
+    compiled = []
+    monkeypatch.setattr(compare, "_byte_compile", compiled.append)
+    monkeypatch.setattr(compare, "run_column", lambda col, args: {"error": "skipped", "wall_s": 0.0})
+    compare.run(compare.parse_args(["--engines", "llamarun", "--modes", "auto", "-m", str(tmp_path / "m.gguf")]),
+                log=io.StringIO())
+    assert compiled == [compare.REPO / "llamarun"]
+
+
 def test_ratios_are_computed_from_the_numbers():
     results = {
         "llamarun auto": _result("llamarun", 2.0, 300.0, 40.0, 200.0, 500.0),
