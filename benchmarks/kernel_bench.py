@@ -12,9 +12,10 @@ stream from DRAM as they do in a real forward pass instead of sitting in cache. 
 interleaved (round-robin) and the best of several rounds is kept, which damps the noise of a shared
 machine. GB/s = weight bytes read per call / time.
 
-Model: the default SmolLM2 in float32, int8 and int4 (llamarun.quantize.build_quantized_model), decode
-steps timed on the model's forward (KV cache, last_only, greedy argmax), the three models and the thread
-configurations interleaved. On a shared machine, compare rows of one run only.
+Model: the default SmolLM2 in float32, int8 and int4 as the engine runs it (``Llama.load``: the fused
+fast path, the batch products, weights in 2 MiB pages, its KV cache dtype), decode steps timed on the
+model's forward (KV cache, last_only, greedy argmax), the three models and the thread configurations
+interleaved. On a shared machine, compare rows of one run only.
 """
 
 from __future__ import annotations
@@ -120,19 +121,18 @@ def kernel_table(ms: list[int], shapes: list[str], rounds: int, baselines: bool)
 
 
 def load_models(modes: list[str]) -> dict:
-    from llamarun.formats import load_checkpoint
-    from llamarun.generation import build_model, default_model_path
+    """{mode: (model, KV cache dtype)}: the default model loaded as the engine runs it (``Llama.load``);
+    fp32 is its unquantized float32 form. A model built without the engine (``build_quantized_model``
+    alone) lacks the fused fast path and decoded at a third of the engine's speed."""
+    from llamarun import Llama
 
-    ckpt = load_checkpoint(default_model_path())
     models = {}
-    with torch.inference_mode():
-        for mode in modes:
-            t = time.perf_counter()
-            if mode == "fp32":
-                models[mode] = build_model(ckpt, torch.device("cpu"), torch.float32)
-            else:
-                models[mode] = Q.build_quantized_model(ckpt, mode)
-            print(f"built {mode}: {Q.model_nbytes(models[mode]) / 2**20:.0f} MiB in {time.perf_counter() - t:.1f} s")
+    for mode in modes:
+        t = time.perf_counter()
+        llm = Llama.load(None, device="cpu", dtype="float32" if mode == "fp32" else "auto",
+                         quantize="none" if mode == "fp32" else mode)
+        models[mode] = (llm.model, llm.kv_dtype)
+        print(f"built {mode}: {Q.model_nbytes(llm.model) / 2**20:.0f} MiB in {time.perf_counter() - t:.1f} s")
     return models
 
 
@@ -146,7 +146,7 @@ def model_decode(batches: list[int], modes: list[str], steps: int, rounds: int, 
     """Decode tok/s per mode and thread configuration ("TxK": T torch threads, K kernel threads), every
     (config, mode) run interleaved within each round."""
     models = load_models(modes)
-    vocab = next(iter(models.values())).args.vocab_size
+    vocab = next(iter(models.values()))[0].args.vocab_size
     gen = torch.Generator().manual_seed(0)
     saved = torch.get_num_threads()
     print(f"\nwhole-model decode (SmolLM2-135M, {steps} steps after a {prompt_len}-token prefill, best / median "
@@ -159,9 +159,9 @@ def model_decode(batches: list[int], modes: list[str], steps: int, rounds: int, 
                 t_threads, k_threads = _parse_config(cfg)
                 torch.set_num_threads(t_threads)
                 kernels.set_num_threads(k_threads)
-                for mode, model in models.items():
+                for mode, (model, kv_dtype) in models.items():
                     with torch.inference_mode():
-                        model.setup_cache(b, prompt_len + steps + 1)
+                        model.setup_cache(b, prompt_len + steps + 1, kv_dtype)
                         logits = model(prompt, 0, last_only=True)
                         t1 = time.perf_counter()
                         tok = logits[:, -1].argmax(-1, keepdim=True)
@@ -180,16 +180,16 @@ def model_decode(batches: list[int], modes: list[str], steps: int, rounds: int, 
 
 def prefill_bench(lengths: list[int], modes: list[str], rounds: int) -> None:
     models = load_models(modes)
-    vocab = next(iter(models.values())).args.vocab_size
+    vocab = next(iter(models.values()))[0].args.vocab_size
     gen = torch.Generator().manual_seed(1)
     print(f"\nprefill (one forward of the prompt, last_only, best of {rounds})")
     for n in lengths:
         prompt = torch.randint(0, vocab, (1, n), generator=gen)
         best = {m: float("inf") for m in models}
         for _ in range(rounds):
-            for mode, model in models.items():
+            for mode, (model, kv_dtype) in models.items():
                 with torch.inference_mode():
-                    model.setup_cache(1, n + 1)
+                    model.setup_cache(1, n + 1, kv_dtype)
                     t = time.perf_counter()
                     model(prompt, 0, last_only=True)
                     best[mode] = min(best[mode], time.perf_counter() - t)
