@@ -179,19 +179,28 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     table covers ``max_seq_len`` positions (default: the model's context; ``setup_cache`` extends it when
     asked for more).
     """
-    from .memory import weight_arena, weight_copy
+    from .memory import weight_arena
 
-    args = ckpt.args
-    model = meta_model(args)
+    model = meta_model(ckpt.args)
     with weight_arena(device):
-        for name, param in list(model.named_parameters()):  # a tied output weight is listed once
-            value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
-            module_name, _, leaf = name.rpartition(".")
-            model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-        if args.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-        model.rope = weight_copy(rope_cache(args, max_seq_len or args.max_seq_len).to(device))
+        load_parameters(model, ckpt, device, dtype, max_seq_len)
+    if ckpt.args.tie_embeddings:  # a tied output weight is listed once: loaded as the embedding's
+        model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def load_parameters(model: Transformer, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                    max_seq_len: int | None = None) -> None:
+    """Fill the parameters ``model`` (built on the meta device) still holds, one at a time in ``dtype`` on
+    ``device`` (:func:`load_parameter`), and make its rotary table for ``max_seq_len`` positions (default:
+    the model's context), in the loading model's arena on a CPU."""
+    from .memory import weight_copy
+
+    for name, param in list(model.named_parameters()):
+        value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    model.rope = weight_copy(rope_cache(ckpt.args, max_seq_len or ckpt.args.max_seq_len).to(device))
 
 
 def load_parameter(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None,

@@ -76,7 +76,6 @@ def _proc_status(key: str) -> int:
 
 def _ru_maxrss() -> int:
     import resource
-    import sys
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
@@ -268,19 +267,23 @@ def release_pages(t: torch.Tensor) -> bool:
     otherwise stay resident under every later, shorter generation."""
     if not _ZERO_ON_DONTNEED:
         return False
-    st = t.untyped_storage()
-    ref = _LAZY_MAPPINGS.get(st.data_ptr()) if t.device.type == "cpu" else None
-    buf = ref() if ref is not None else None
-    if buf is None or len(buf) != st.nbytes():
+    buf = _mapping_of(t.untyped_storage(), _LAZY_MAPPINGS) if t.device.type == "cpu" else None
+    if buf is None:
         return False
     buf.madvise(mmap.MADV_DONTNEED)  # a private anonymous mapping: the next read finds the zero page
     return True
 
 
+def _mapping_of(storage: Any, registry: dict[int, weakref.ref]) -> mmap.mmap | None:
+    """The live mapping of ``registry`` that is exactly ``storage``, or None."""
+    ref = registry.get(storage.data_ptr())
+    buf = ref() if ref is not None else None
+    return buf if buf is not None and len(buf) == storage.nbytes() else None
+
+
 def in_huge_mapping(storage: Any) -> bool:
     """Whether a storage is one of :func:`huge_empty`'s mappings (its 2 MiB pages asked for already)."""
-    ref = _HUGE_MAPPINGS.get(storage.data_ptr())
-    return ref is not None and ref() is not None and len(ref()) == storage.nbytes()
+    return _mapping_of(storage, _HUGE_MAPPINGS) is not None
 
 
 def _tensors_by_storage(model: torch.nn.Module) -> dict[int, tuple[Any, list]] | None:

@@ -109,9 +109,13 @@ class QuantizedTensor:
                           None if self.mins is None else self.mins[flat], self.group_size, dtype)
         return out.view(*index.shape, self.shape[1])
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedTensor":
+        """The same weight with ``fn`` applied to each of its tensors (rows of all three, a move, a copy)."""
+        return QuantizedTensor(self.mode, fn(self.qweight), fn(self.scales),
+                               None if self.mins is None else fn(self.mins), self.group_size)
+
     def to(self, device: torch.device | str) -> "QuantizedTensor":
-        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedTensor(self.mode, mv(self.qweight), mv(self.scales), mv(self.mins), self.group_size)
+        return self.map(lambda t: t.to(device))
 
     @staticmethod
     def cat(parts: Sequence["QuantizedTensor"]) -> "QuantizedTensor":
@@ -478,13 +482,11 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
     if out is None:
         out = _empty(mode, n, k)
     buf = read_buffer(step * row_bytes)
-    rows_of = lambda f, r0, r1: None if f is None else f[r0:r1]  # noqa: E731
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         piece = buf[: (r1 - r0) * row_bytes]
         t.read_into(r0 * row_bytes, piece.numpy())
-        part = QuantizedTensor(mode, out.qweight[r0:r1], out.scales[r0:r1], rows_of(out.mins, r0, r1), QK)
-        _GGUF_FILL[key](piece.view(-1, block_bytes), part)
+        _GGUF_FILL[key](piece.view(-1, block_bytes), out.map(lambda f: f[r0:r1]))
     return out
 
 
@@ -508,9 +510,7 @@ def _fused_from_gguf_file(files: list[Any], mode: str, group_size: int | None) -
     qt = _empty(mode, sum(n for n, _ in shapes), shapes[0][1])
     r0 = 0
     for t, (n, k) in zip(files, shapes):
-        rows = lambda f: None if f is None else f[r0 : r0 + n]  # noqa: E731
-        from_gguf_file(t, (n, k), mode, group_size, QuantizedTensor(mode, rows(qt.qweight), rows(qt.scales),
-                                                                    rows(qt.mins), QK))
+        from_gguf_file(t, (n, k), mode, group_size, qt.map(lambda f: f[r0 : r0 + n]))
         r0 += n
     return qt
 
@@ -551,8 +551,7 @@ def load_quantized_weight(ckpt: Any, name: str, shape: tuple[int, int], mode: st
             qt = QuantizedTensor.cat(parts)
         except ValueError:  # parts of different source types: requantize the concatenation
             qt = quantize_tensor(torch.cat([p.dequantize() for p in parts]), mode, group_size)
-        qt = QuantizedTensor(qt.mode, weight_copy(qt.qweight), weight_copy(qt.scales),
-                             None if qt.mins is None else weight_copy(qt.mins), qt.group_size)  # into the arena
+        qt = qt.map(weight_copy)  # into the arena
     if qt.shape != tuple(shape):
         raise FormatError(f"{ckpt.path}: tensor {name} has shape {qt.shape}, the config implies {tuple(shape)}")
     return qt
@@ -879,9 +878,7 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
 
 def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: torch.dtype, group_size: int | None,
                            output_mode: str, max_seq_len: int | None) -> nn.Module:
-    from .generation import load_parameter, meta_model
-    from .memory import weight_copy
-    from .model import rope_cache
+    from .generation import load_parameters, meta_model
 
     out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
     args = ckpt.args
@@ -899,11 +896,7 @@ def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: to
     else:
         qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), output_mode, out_gs)
         model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
-    for name, param in list(model.named_parameters()):  # what is left: the norms
-        value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    model.rope = weight_copy(rope_cache(args, max_seq_len or args.max_seq_len).to(device))
+    load_parameters(model, ckpt, device, dtype, max_seq_len)  # what is left: the norms
     return model.eval()
 
 
