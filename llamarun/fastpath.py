@@ -180,8 +180,9 @@ class FastTransformer(Transformer):
 
     _stacks: dict | None = None  # row count -> the op's lists, or None where it can't run
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
-        if isinstance(start_pos, int) and tokens.shape[1] == 1 and tokens.is_cpu:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False,
+                logits: bool = True) -> torch.Tensor:
+        if isinstance(start_pos, int) and tokens.shape[1] == 1 and tokens.is_cpu and logits:
             stack = self._decode_stack(tokens.shape[0])
             if stack is not None and not _hooked(stack[4]):
                 h = self.tok_embeddings(tokens)
@@ -189,8 +190,8 @@ class FastTransformer(Transformer):
                     a = self.args
                     h = torch.ops.llamarun.decode_layers(h, *stack[:2], self.rope[start_pos : start_pos + 1],
                                                          *stack[2:4], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
-                    return h if stack[5] else self.output(self.norm(h)).float()  # stack[5]: the op ran the head
-        return super().forward(tokens, start_pos, last_only)
+                    return h if stack[5] else self.head(h)  # stack[5]: the op ran the head
+        return super().forward(tokens, start_pos, last_only, logits)
 
     def _apply(self, fn, *args, **kwargs):
         self._stacks = None

@@ -746,21 +746,27 @@ class Llama:
             return logits[:, -1]
         prefill = cur - prev > 1
         pool = prefill and self._prefill_in_kernels()
+        # A prompt's logits are its last position's, unless scoring: its chunks give hidden states, and the
+        # output layer runs once, after the activations' pages went back (on a CPU), so its [B, V] logits
+        # (3 MiB at batch 16) take those pages instead of adding to them.
+        hidden = prefill and not logprobs
         # On a CPU a chunk is CPU_PREFILL_CHUNK positions over all rows: a batch's activations stay what one
-        # prompt's are (the GEMMs are as fast from ~256 rows on).
+        # prompt's are.
         chunk = max(1, CPU_PREFILL_CHUNK // run.tokens.shape[0]) if run.tokens.is_cpu else PREFILL_CHUNK
         with _one_cpu_thread(run.tokens, keep_kernels=True) if pool else contextlib.nullcontext():
             for a in range(prev, cur, chunk):
                 b = min(cur, a + chunk)
-                logits = self.model(run.tokens[:, a:b], a, last_only=not logprobs)
+                out = self.model(run.tokens[:, a:b], a, last_only=not logprobs, logits=not hidden)
                 if logprobs:
-                    self._score(run, logits, a, b)
-        if run.tokens.is_cpu and prefill:
-            # The prefill's activations, freed, go back to the system (~1-3 ms): glibc kept them in the heap,
-            # where decode steps needed little of them and a later, larger batch or prompt did not reuse them
-            # all (the default model's peak over compare.py's workload 386-387 -> 381-382 MiB).
-            release_free_memory()
-        return logits[:, -1]
+                    self._score(run, out, a, b)
+            if run.tokens.is_cpu and prefill:
+                # The prefill's activations, freed, go back to the system (~1-3 ms): glibc kept them in the
+                # heap, where decode steps needed little of them and a later, larger batch or prompt did not
+                # reuse them all (the default model's peak over compare.py's workload 386-387 -> 381-382 MiB).
+                release_free_memory()
+            if hidden:
+                out = self.model.head(out[:, -1:])
+        return out[:, -1]
 
     def _prefill_in_kernels(self) -> bool:
         """Whether a prefill's heavy work all runs in the kernels' thread pool: the int8 batch products (no

@@ -42,12 +42,14 @@ DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 CPU_RUNTIME_BYTES = 240 * MiB
 GPU_RUNTIME_BYTES = 600 * MiB
 PREFILL_CHUNK = 512  # the engine feeds long prompts in chunks of this many tokens (bounds activations)
-# On a CPU, half that: the same prefill speed (Zen 3, SmolLM2 int4, 4 alternating rounds at 512 and 1024
-# tokens: 541-770 vs 483-813 tok/s) for half the activations, and half the logits when every position is
-# scored (49K vocabulary: 50 instead of 100 MB). The default model's peak RSS over a 512-token prefill: 400
-# -> 387 MiB. It counts positions over all rows of a batch (16 prompts: 16 tokens of each at a time). The
-# plan keeps PREFILL_CHUNK's larger estimate.
-CPU_PREFILL_CHUNK = 256
+# On a CPU, a quarter of that, counted over all rows of a batch (16 prompts: 8 tokens of each at a time):
+# a chunk's activations, and the heap they leave, are most of a prefill's peak over its KV cache. The
+# default model (Zen 3, same process alternating with 256): the batch-16 prefill's peak over the cache
+# 12.4 -> 7.4 MiB, the 512-token prompt's 23 -> 18 MiB (compare.py's peak 383-384 -> 378-380 MiB), for
+# 0-5% of prefill speed (medians; the int4 GEMM unpacks each weight tile once per chunk). A quarter of the
+# logits when every position is scored (49K vocabulary: 25 instead of 100 MB). The plan keeps
+# PREFILL_CHUNK's larger estimate.
+CPU_PREFILL_CHUNK = 128
 GGUF_READ_BYTES = 4 << 20  # a GGUF tensor converted block for block is read this much at a time
 
 

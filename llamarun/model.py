@@ -248,9 +248,12 @@ class Transformer(nn.Module):
             layer.attention.cache = None
         self.cache_shape, self.cache_dtype = (0, 0), None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, last_only: bool = False,
+                logits: bool = True) -> torch.Tensor:
         """tokens [B, S] at positions start_pos..start_pos+S-1 -> float32 logits [B, S, vocab]
-        (or [B, 1, vocab] with ``last_only``, which skips the output layer for the other positions).
+        (or [B, 1, vocab] with ``last_only``, which skips the output layer for the other positions). With
+        ``logits=False``, the final hidden states [B, S, dim] instead, for :meth:`head` later or never (a
+        prompt's chunks before its last only fill the cache).
 
         ``start_pos`` may also be a tensor of the S positions (needs a cache): the static-shape path, where
         one compiled graph (torch.compile, CUDA graphs) serves every decode step because the position is
@@ -264,6 +267,10 @@ class Transformer(nn.Module):
             rope = self.rope[start_pos : start_pos + s]
         for layer in self.layers:
             h = layer(h, rope, start_pos)
-        if last_only:
-            h = h[:, -1:]
+        if not logits:
+            return h
+        return self.head(h[:, -1:] if last_only else h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, S, dim] -> float32 logits [B, S, vocab]: the last norm and the output layer."""
         return self.output(self.norm(h)).float()

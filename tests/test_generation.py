@@ -85,6 +85,24 @@ def test_prefill_in_chunks_equals_one_pass(monkeypatch):
     torch.testing.assert_close(torch.tensor(pieces[1]), torch.tensor(whole[1]), atol=1e-4, rtol=0)
 
 
+def test_prefill_chunks_run_the_output_layer_once(monkeypatch):
+    """Unscored, a prompt's chunks before its last skip the output layer (their logits were never read), and
+    it runs once, on the last position: the tokens are one pass's."""
+    from llamarun import generation
+
+    llm = tiny_llama()
+    prompt = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(5)).tolist()
+    whole = llm.generate([prompt], 4, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(generation, "CPU_PREFILL_CHUNK", 7)  # 7 + 7 + 7 + 2
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 7)
+    inputs = []
+    hook = llm.model.output.register_forward_pre_hook(lambda mod, args: inputs.append(tuple(args[0].shape)))
+    pieces = llm.generate([prompt], 4, temperature=0, ignore_eos=True)
+    hook.remove()
+    assert pieces == whole
+    assert inputs == [(1, 1, llm.args.dim)] * 4  # the prefill's last position, then each of 3 decode steps
+
+
 def test_cpu_prefill_chunks_count_positions_over_rows(monkeypatch):
     """On a CPU a batch's prefill chunk is CPU_PREFILL_CHUNK positions over all its rows (3 prompts, 21: 7
     tokens of each at a time), with the same result as one pass."""

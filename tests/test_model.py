@@ -71,6 +71,20 @@ def test_tied_embeddings_share_storage():
     assert Transformer(tiny_args()).output.weight is not None
 
 
+def test_hidden_states_then_head_equal_the_logits():
+    """forward(logits=False) gives the final hidden states [B, S, dim] (the output layer skipped), and head()
+    turns them into the logits forward gives, or last_only's from the last position."""
+    torch.manual_seed(0)
+    m = Transformer(tiny_args()).eval()
+    tokens = torch.randint(0, 97, (2, 5))
+    with torch.inference_mode():
+        logits = m(tokens)
+        h = m(tokens, logits=False)
+        assert h.shape == (2, 5, 64)
+        torch.testing.assert_close(m.head(h), logits)
+        torch.testing.assert_close(m.head(h[:, -1:]), m(tokens, last_only=True))
+
+
 def test_gqa_equals_repeated_heads():
     """n_kv_heads < n_heads must equal a full multi-head model whose k/v heads are repeated."""
     torch.manual_seed(0)
