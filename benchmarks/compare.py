@@ -758,7 +758,8 @@ def run(args: argparse.Namespace, log=sys.stderr) -> dict:
                      "bf16 matmuls and HF bf16 is 2-4x slower than fp32; add it with --hf-dtypes fp32 bf16")
     if not _cpu_has_native_bf16() and "bfloat16" in args.hf_dtypes and "hf" in args.engines:
         notes.append("hf bf16: this CPU has no native bf16 (no AVX512-BF16/AMX), so PyTorch emulates bf16 "
-                     "matmuls: expect it slower than fp32 (llamarun's --dtype auto picks fp32 on such CPUs)")
+                     "matmuls: expect it slower than fp32 (llamarun's --dtype auto keeps float32 activations on such CPUs; "
+                     "its unquantized weights are stored in bf16 and widened in registers)")
     if "llamarun" in args.engines:
         _byte_compile(REPO / "llamarun")
     results: dict[str, dict] = {}
