@@ -40,6 +40,8 @@ def gemm_note(info: dict) -> str:
     batches of 6+ rows)' where the kernels' int8 products do (``info``: a bench report or
     ``generate``'s stats, with ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
     gemm, rows, kind = info["prefill_gemm_dtype"], info.get("batch_rows"), info.get("batch_product")
+    if info.get("int4_kernel") == "tinygemm":
+        return " (tinygemm int4 products)"
     if rows and kind == "int8":
         return f" (int8 activations for prefill and batches of {rows}+ rows)"
     if gemm == info["dtype"]:
@@ -74,7 +76,7 @@ def run_bench(llm, args) -> dict:
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
         "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
-        "batch_product": llm.batch_product,
+        "batch_product": llm.batch_product, "int4_kernel": llm.int4_kernel,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }

@@ -259,7 +259,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
         "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
         "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
-        "batch_product": llm.batch_product,
+        "batch_product": llm.batch_product, "int4_kernel": llm.int4_kernel,
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],

@@ -377,10 +377,14 @@ class Llama:
                  kv_dtype: str | torch.dtype | None = "auto") -> None:
         from .device import pick_kv_dtype
         from .fastpath import accelerate
+        from .tinygemm import use_tinygemm
 
         _check_count("max_seq_len", max_seq_len, 1)
         _check_count("max_batch_size", max_batch_size, 1)
         accelerate(model)  # fused CPU kernels for the float32 glue between matrix products (no-op elsewhere)
+        # int4 layers on a CUDA GPU: torch's tinygemm kernel instead of dequantizing every product (no-op elsewhere).
+        swapped, self.int4_kernel_note = use_tinygemm(model)
+        self.int4_kernel = "tinygemm" if swapped else None
         self.model = model
         self.tokenizer = tokenizer
         self.args: ModelArgs = model.args
@@ -446,6 +450,8 @@ class Llama:
         from .fastpath import Bf16Linear
         from .quantize import QuantizedLinear
 
+        if self.device.type != "cpu":  # a GPU's products run in the activations' dtype
+            return None
         for m in self.model.modules():
             if isinstance(m, QuantizedLinear):
                 return m.dense_dtype

@@ -52,3 +52,27 @@ def test_cuda_without_cuda_exits_2():
     proc = run_bench("--device", "cuda")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "cuda" in proc.stderr
+
+
+ENGINE = REPO / "benchmarks" / "gpu_engine.py"
+
+
+def test_engine_script_tiny_cpu_run(tmp_path):
+    """benchmarks/gpu_engine.py's CPU smoke run: bf16, int4 without and with tinygemm (its CPU twin) through
+    Llama.generate, tinygemm's logits near the other path's."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run([sys.executable, str(ENGINE), "--device", "cpu", "--tiny", "--tokens", "6", "--json",
+                           str(out)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["results"]] == ["bf16", "int4 without tinygemm", "int4, tinygemm"]
+    assert all(r["tok_s"] > 0 for r in report["results"])
+    assert report["results"][1]["note"] == "disabled by LLAMARUN_TINYGEMM=0"
+    assert report["swapped"] == 8 and report["tinygemm_rel_err"] < 5e-2  # 2 layers x 4 int4 linears
+    assert "| CPU | int4, tinygemm | 1 |" in proc.stdout
+
+
+def test_engine_script_bad_arguments():
+    proc = subprocess.run([sys.executable, str(ENGINE), "--device", "cpu", "--tokens", "0"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("must be >= 1")
