@@ -128,3 +128,26 @@ def test_environment_switch_turns_it_off(monkeypatch):
     assert T.use_tinygemm(model, devices=("cpu",)) == (0, "disabled by LLAMARUN_TINYGEMM=0")
     monkeypatch.delenv("LLAMARUN_TINYGEMM")
     assert T.use_tinygemm(model, devices=("cpu",))[0] == 8
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_through_tinygemm():
+    """The layers trace under torch.compile (what Llama.compile does with CUDA graphs on a GPU): the compiled
+    step's greedy tokens are the eager step's."""
+    from test_generation import IdTokenizer
+
+    from llamarun import Llama
+
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128, max_seq_len=64)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    Q.quantize_model(model.to(torch.bfloat16), "int4")
+    assert T.use_tinygemm(model, devices=("cpu",)) == (8, None)
+    llm = Llama(model, IdTokenizer(96), max_seq_len=64, max_batch_size=1)
+    eager, _ = llm.generate([[1, 2, 3, 4, 5]], 12, temperature=0, ignore_eos=True)
+    llm.compile((1,))
+    compiled, _ = llm.generate([[1, 2, 3, 4, 5]], 12, temperature=0, ignore_eos=True)
+    assert compiled == eager
