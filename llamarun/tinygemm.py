@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize import Int4Linear, QuantizedEmbedding, _unpack_int4
+from .quantize import Int4Linear, QuantizedEmbedding, _set_module, _unpack_int4
 
 GROUP_SIZES = (32, 64, 128, 256)  # what tinygemm supports
 CHECK_TOLERANCE = 2e-2  # relative error against the dequantized product (bf16 rounding of scales is ~4e-3)
@@ -142,7 +142,6 @@ def use_tinygemm(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> tupl
         if why is not None:
             reason = reason or why
             continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, fast)
+        _set_module(model, name, fast)
         swapped += 1
     return swapped, reason
