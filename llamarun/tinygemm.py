@@ -123,8 +123,12 @@ def use_tinygemm(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> tupl
     shared = {id(m.source) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
     checked: dict[tuple[int, int], bool] = {}
     swapped, reason = 0, None
-    for name, layer in list(model.named_modules()):
-        if type(layer) is not Int4Linear or layer.qweight.device.type not in devices or id(layer) in shared:
+    # Names, not modules: each old layer must be freed as soon as its replacement is in place (holding them
+    # all until the end would need the model's int4 weights twice over on the GPU).
+    names = [name for name, m in model.named_modules() if type(m) is Int4Linear and id(m) not in shared]
+    for name in names:
+        layer = model.get_submodule(name)
+        if layer.qweight.device.type not in devices:
             continue
         key = (layer.in_features, layer.group_size)
         why = unsupported(layer) or (None if checked.get(key, True) else "failed its check")
@@ -143,5 +147,6 @@ def use_tinygemm(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> tupl
             reason = reason or why
             continue
         _set_module(model, name, fast)
+        del layer, fast
         swapped += 1
     return swapped, reason

@@ -144,3 +144,22 @@ def test_compiled_decode_step_through_tinygemm():
     llm.compile((1,))
     compiled, _ = llm.generate([[1, 2, 3, 4, 5]], 12, temperature=0, ignore_eos=True)
     assert compiled == eager
+
+
+def test_each_old_layer_is_freed_as_it_is_replaced(monkeypatch):
+    """On a GPU the int4 weights must not exist twice over: when a layer's replacement is made, the layers
+    replaced before it are gone."""
+    import weakref
+
+    model = _tiny(False, "int4")
+    old = [weakref.ref(m) for m in model.modules() if type(m) is Q.Int4Linear]
+    alive_at_each = []
+    real = T.TinyGemmInt4Linear
+
+    def counting(layer):
+        alive_at_each.append(sum(r() is not None for r in old))
+        return real(layer)
+
+    monkeypatch.setattr(T, "TinyGemmInt4Linear", counting)
+    n, _ = T.use_tinygemm(model, devices=("cpu",))
+    assert n == 9 and alive_at_each == list(range(len(old), len(old) - n, -1))
