@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from llamarun import Llama  # noqa: E402
 from llamarun.config import KNOWN_CONFIGS, ModelArgs  # noqa: E402
-from llamarun.generation import meta_model  # noqa: E402
+from llamarun.generation import meta_model, set_parameter  # noqa: E402
 from llamarun.model import rope_cache  # noqa: E402
 from llamarun.quantize import quantize_model  # noqa: E402
 from llamarun.tinygemm import use_tinygemm  # noqa: E402
@@ -60,8 +60,7 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> t
             value = torch.ones(p.shape, dtype=dtype, device=device)
         else:
             value = torch.empty(p.shape, dtype=dtype, device=device).normal_(0, p.shape[-1] ** -0.5, generator=gen)
-        module, _, leaf = name.rpartition(".")
-        model.get_submodule(module)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        set_parameter(model, name, value)
     model.rope = rope_cache(args, args.max_seq_len).to(device)
     return model.eval()
 

@@ -33,12 +33,20 @@ def prefill_gemm_dtype(llm) -> str:
     return str(llm.dense_dtype or llm.dtype).replace("torch.", "")
 
 
+def products_info(llm) -> dict:
+    """What the speed line's note (:func:`gemm_note`) is made from, for a bench report and ``generate``'s
+    stats alike: the prefill products' dtype, the kernels' batch products and the GPU int4 kernel."""
+    return {"prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
+            "batch_product": llm.batch_product, "int4_kernel": llm.int4_kernel}
+
+
 def gemm_note(info: dict) -> str:
     """What the speed line says about the matrix products, e.g. ' (bfloat16 prefill GEMMs)' where prefill's
     run in another dtype than the activations, ' (bfloat16 GEMMs for prefill and batches of 6+ rows, AMX
     tiles)' where the kernels' tile products take the batches too, ' (int8 activations for prefill and
-    batches of 6+ rows)' where the kernels' int8 products do (``info``: a bench report or
-    ``generate``'s stats, with ``dtype``, ``prefill_gemm_dtype``, ``batch_rows`` and ``batch_product``)."""
+    batches of 6+ rows)' where the kernels' int8 products do, ' (tinygemm int4 products)' where a GPU's int4
+    layers run tinygemm (``info``: a bench report or ``generate``'s stats, with ``dtype`` and
+    :func:`products_info`'s keys)."""
     gemm, rows, kind = info["prefill_gemm_dtype"], info.get("batch_rows"), info.get("batch_product")
     if info.get("int4_kernel") == "tinygemm":
         return " (tinygemm int4 products)"
@@ -75,8 +83,7 @@ def run_bench(llm, args) -> dict:
     report: dict = {
         "model": str(llm.checkpoint.path), "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "mode": llm.plan.label if llm.plan else "none", "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
-        "batch_product": llm.batch_product, "int4_kernel": llm.int4_kernel,
+        **products_info(llm),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "load_s": round(llm.load_s, 3), "prefill": {}, "decode": {},
     }

@@ -193,7 +193,7 @@ def plan_summary(plan) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .bench import gemm_note, prefill_gemm_dtype
+    from .bench import gemm_note, products_info
     from .sampling import SamplingParams
     from .tokenizer import StreamDecoder
 
@@ -258,8 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", ""),
         "weights": llm.plan.label if llm.plan else str(llm.dtype).replace("torch.", ""),
         "kv_dtype": str(llm.kv_dtype).replace("torch.", ""),
-        "prefill_gemm_dtype": prefill_gemm_dtype(llm), "batch_rows": llm.batch_rows,
-        "batch_product": llm.batch_product, "int4_kernel": llm.int4_kernel,
+        **products_info(llm),
     }
     if args.json:
         results = [{"prompt": p, "text": tok.decode(generated[i]), "prompt_tokens": prompt_tokens[i],

@@ -189,6 +189,13 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     return model.eval()
 
 
+def set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the (frozen) parameter ``name`` ("layers.0.attention_norm.weight") of ``model``, in
+    place of what it was (on a meta model: a placeholder without memory)."""
+    module_name, _, leaf = name.rpartition(".")
+    model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
 def load_parameters(model: Transformer, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                     max_seq_len: int | None = None) -> None:
     """Fill the parameters ``model`` (built on the meta device) still holds, one at a time in ``dtype`` on
@@ -197,9 +204,7 @@ def load_parameters(model: Transformer, ckpt: Checkpoint, device: torch.device, 
     from .memory import weight_copy
 
     for name, param in list(model.named_parameters()):
-        value = load_parameter(ckpt, name, tuple(param.shape), dtype, device)
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        set_parameter(model, name, load_parameter(ckpt, name, tuple(param.shape), dtype, device))
     model.rope = weight_copy(rope_cache(ckpt.args, max_seq_len or ckpt.args.max_seq_len).to(device))
 
 

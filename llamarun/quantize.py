@@ -1144,7 +1144,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
     from safetensors import SafetensorError, safe_open
 
     from .config import ModelArgs
-    from .generation import meta_model
+    from .generation import meta_model, set_parameter
     from .model import rope_cache
 
     path = Path(path)
@@ -1194,9 +1194,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu", dtype: 
             raise _corrupted(path, f"missing tensor {name}")
         if state[name].shape != param.shape:
             raise _corrupted(path, f"tensor {name} has shape {list(state[name].shape)}, expected {list(param.shape)}")
-        module_name, _, leaf = name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
-            state.pop(name).to(device=device, dtype=dtype), requires_grad=False)
+        set_parameter(model, name, state.pop(name).to(device=device, dtype=dtype))
     model.rope = rope_cache(args, args.max_seq_len).to(device)
 
     tokenizer = _quantized_file_tokenizer(path, meta, tok_blob, tokenizer_path)

@@ -131,7 +131,9 @@ def use_tinygemm(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> tupl
         if layer.qweight.device.type not in devices:
             continue
         key = (layer.in_features, layer.group_size)
-        why = unsupported(layer) or (None if checked.get(key, True) else "failed its check")
+        if checked.get(key) is False:  # its shape failed the check: the reason is recorded already
+            continue
+        why = unsupported(layer)
         if why is None:
             try:
                 fast = TinyGemmInt4Linear(layer)
