@@ -474,7 +474,7 @@ class Llama:
     @property
     def batch_rows(self) -> int:
         """Activation rows from which the quantized layers use the kernels' batch products (bf16 tiles with
-        AMX, else int8 activations with AVX-512 VNNI, or for int4 layers with AVX2; prefill's included; see
+        AMX, else int8 activations with AVX-512 VNNI or AVX2; prefill's included; see
         ``quantize.BATCH_MIN_ROWS``), or 0 where none does."""
         from .quantize import QuantizedLinear
 
@@ -483,7 +483,7 @@ class Llama:
     @property
     def batch_product(self) -> str | None:
         """Which batch products the quantized layers use from ``batch_rows`` rows: "amx" (bf16 tiles),
-        "int8" (int8 activations: AVX-512 VNNI, or AVX2 for int4 layers), or None."""
+        "int8" (int8 activations: AVX-512 VNNI or AVX2), or None."""
         from . import kernels
 
         if not self.batch_rows:

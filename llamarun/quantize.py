@@ -53,12 +53,13 @@ DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
 # Products of at least this many activation rows run as the kernels' batch products, for every size above
 # it (faster than the dense path too, prefill's 512 rows included): with bf16 GEMMs on a CPU with AMX, bf16
 # tile products; else, on a CPU with AVX-512 VNNI, int8-activation products (from 16 rows an int8 GEMM), and
-# with AVX2 an int8 GEMM for int4 layers (vpmaddubsw).
+# with AVX2 an int8 GEMM for int4 layers (vpmaddubsw) and the sign-trick kernel for int8 ones.
 # Measured on 2-core VMs, SmolLM2's layers: at 6 rows tiles cost 0.8-1.0x the integer kernel, at 16
 # 0.2-0.3x, at 512 rows 0.3x the dense path (Sapphire Rapids); int8 activations 0.7-0.8x at 6 rows,
 # 0.6-0.7x at 16 (a Xeon with VNNI but no AMX), at 32-512 rows 0.3-0.5x the int16 kernel and 0.6-0.9x
 # dequantize + bf16 GEMM (Zen 4); AVX2's GEMM 0.9-1.2x the int16 kernel at 6-8 rows, 1.3-1.6x at 16,
-# 1.7-2.4x at 64-512 and 1.3-1.9x dequantize + float32 GEMM at 512 (Zen 3).
+# 1.7-2.4x at 64-512 and 1.3-1.9x dequantize + float32 GEMM at 512 (Zen 3); its int8 kernel 1.0-1.3x at 8
+# rows, 1.3-1.5x at 16 (SmolLM2's int8 layers with their weights streamed from memory, Zen 3).
 BATCH_MIN_ROWS = 6
 # Dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more
 # peak memory).
@@ -737,16 +738,14 @@ def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
 def set_int8_batches(model: nn.Module, rows: int = BATCH_MIN_ROWS) -> int:
     """Run the quantized layers' batches of ``rows`` or more activation rows (decode batches and prefill:
     the dense path is then never taken) as the kernels' int8-activation products, where the CPU has them
-    (``kernels.int8_batches``: AVX-512 VNNI; AVX2 for int4 weights): x rounded to int8 per 32-block, as
-    llama.cpp does throughout (relative error ~5e-3 on a product, against ~5e-5 for the int16 rounding of
-    single rows and ~3e-3 for bf16 GEMMs), for 1.3-3x the int16 kernel's speed; from 16 rows (with AVX2:
-    from ``rows``) they run as an int8 GEMM. int8 layers on an AVX2 CPU without VNNI keep the int16 kernel
-    for every batch instead (int8 products would cost two multiplies per input pair there, as int16 does):
-    every product then runs in the kernels' pool, and prefill's torch work on one thread
-    (``Llama._prefill_in_kernels``), which measured faster than their dequantize + GEMM (int8 model,
-    prefill-512 on a 2-core Zen 3: 515 vs 480 tok/s). ``Llama.load`` does it with ``dtype='auto'`` on such
-    CPUs when the batches have no bf16 tiles; rows=0 turns it off (large batches dequantize + GEMM again).
-    Returns the layers switched (0 without batch products)."""
+    (``kernels.int8_batches``: AVX-512 VNNI or AVX2): x rounded to int8 per 32-block, as llama.cpp does
+    throughout (relative error ~5e-3 on a product, against ~5e-5 for the int16 rounding of single rows and
+    ~3e-3 for bf16 GEMMs), for 1.3-3x the int16 kernel's speed; from 16 rows (with AVX2 and int4 weights:
+    from ``rows``) they run as an int8 GEMM; int8 weights on AVX2 without VNNI multiply through llama.cpp's
+    sign trick (SmolLM2 int8, 2-core Zen 3: batch 16 +22-50%, prefill-512 +32-43% over the int16 kernel).
+    ``Llama.load`` does it with ``dtype='auto'`` on such CPUs when the batches have no bf16 tiles; rows=0
+    turns it off (large batches dequantize + GEMM again). Returns the layers switched (0 without batch
+    products)."""
     if rows and not kernels.int8_batches():
         return 0
     layers = 0

@@ -222,13 +222,12 @@ def bf16_gemm() -> bool:
 
 def int8_batches(mode: str = "int4") -> bool:
     """True if the kernels have int8-activation products for batches of ``mode`` ("int4" / "int8") weights
-    (see ``quantize.set_int8_batches``): both with AVX-512 VNNI, int4 with AVX2 (vpmaddubsw takes the 4-bit
-    weights as its unsigned operand; int8 weights would need two products per input pair, no faster than
-    the int16 kernel)."""
+    (see ``quantize.set_int8_batches``): with AVX-512 VNNI, and with AVX2 (vpmaddubsw: the 4-bit weights
+    as its unsigned operand; int8 weights through llama.cpp's sign trick). ``mode`` is kept for callers
+    that ask per weight format: both formats have them wherever either does."""
     if not available():
         return False
-    level = torch.ops.llamarun.simd_level()
-    return level >= 3 or (level >= 2 and mode == "int4")
+    return torch.ops.llamarun.simd_level() >= 2
 
 
 def set_num_threads(n: int | None) -> int:

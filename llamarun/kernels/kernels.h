@@ -40,7 +40,7 @@ void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, i
 
 // The ops, callable from C++ without the dispatcher (their contracts: the comments where they are defined).
 // batch_rows > 0: products with at least that many activation rows use bf16 tiles (AMX) where the CPU has
-// them, else int8 activations where it has AVX-512 VNNI (see q4_linear).
+// them, else int8 activations where it has AVX-512 VNNI or AVX2 (see q4_linear).
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
                      int64_t batch_rows = 0);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,

@@ -1460,6 +1460,94 @@ at::Tensor q4_direct_op(const at::Tensor& x, const uint8_t* W, const uint16_t* S
     });
   });
 }
+
+// AVX2 (no VNNI), int8 weights: the int4 kernels' layout and rounding (x in int8 per 32-block, a tile's 8 or
+// 16 rows side by side per input dword), with llama.cpp's sign trick for two signed operands: vpmaddubsw
+// takes |w| (a broadcast dword of 4 weights, 0..128) as its unsigned operand and x with w's signs applied
+// (vpsignb) as its signed one. One pair of products stays within int16 (2 x 128 x 127 = 32512), two would
+// not, so each vpmaddubsw is widened at once (vpmaddwd by ones) into the rows' int32 block sums: two
+// multiplies per 4 inputs x 8 rows, where the int16 kernel spends two per 2 inputs x 4 rows and a float
+// conversion and FMA per block and row. Zen 3, 2 threads, medians of alternating runs: SmolLM2's int8 output
+// layer (49152 x 576) at 16 rows 1.15-1.5x the int16 kernel (whole-model decode batch 16 +12%), 0.8-0.95x at
+// 6-8 rows; its 1536 x 576 and 576 x 1536 shapes 1.0-1.4x at 6-8 rows, 1.5-1.7x at 16-64. Two weight rows
+// at a time, their float sums in registers; every tile of x for each pair (which stays in L1), so
+// prefill's chunks run here too.
+template <bool kTwo>
+void q8_tile_direct(const int8_t* w0, const int8_t* w1, const uint16_t* s0, const uint16_t* s1, int64_t K,
+                    int64_t bpg, const uint8_t* xq, const float* xd, float out[2][16]) {
+  constexpr int H = kTwo ? 2 : 1;
+  const int64_t nb = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 f[2][H];
+  for (int r = 0; r < 2; ++r)
+    for (int h = 0; h < H; ++h) f[r][h] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* xb = xq + b * 8 * 64;
+    __m256i acc[2][H];
+#pragma GCC unroll 8
+    for (int d = 0; d < 8; ++d) {
+      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + d * 64)), x1 = x0;
+      if (kTwo) x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + d * 64 + 32));
+      __asm__("" : "+x"(x0), "+x"(x1));  // in registers (see gemm_i8_tile_avx2)
+#pragma GCC unroll 2
+      for (int r = 0; r < 2; ++r) {
+        int32_t word;
+        std::memcpy(&word, (r ? w1 : w0) + b * QK + 4 * d, 4);
+        const __m256i v = _mm256_set1_epi32(word), av = _mm256_sign_epi8(v, v);  // |w| (-128: 128 unsigned)
+#pragma GCC unroll 2
+        for (int h = 0; h < H; ++h) {
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, _mm256_sign_epi8(h ? x1 : x0, v)), ones);
+          acc[r][h] = d ? _mm256_add_epi32(acc[r][h], p) : p;
+          __asm__("" : "+x"(acc[r][h]));  // a chain, not a tree (see gemm_i8_tile_avx2)
+        }
+      }
+    }
+    const __m256 sc0 = _mm256_set1_ps(h2f(s0[b / bpg])), sc1 = _mm256_set1_ps(h2f(s1[b / bpg]));
+    for (int h = 0; h < H; ++h) {
+      const __m256 dv = _mm256_loadu_ps(xd + b * 16 + 8 * h);
+      f[0][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[0][h]), _mm256_mul_ps(dv, sc0), f[0][h]);
+      f[1][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[1][h]), _mm256_mul_ps(dv, sc1), f[1][h]);
+    }
+  }
+  for (int r = 0; r < 2; ++r)
+    for (int h = 0; h < H; ++h) _mm256_store_ps(out[r] + 8 * h, f[r][h]);
+}
+
+// y [M, N] = x [M, K] @ W^T for int8 weights through q8_tile_direct, every tile of x for each pair of rows.
+at::Tensor q8_direct_op(const at::Tensor& x, const int8_t* W, const uint16_t* S, int64_t N, int64_t K, int64_t G) {
+  // Weight rows ~4 KB ahead are prefetched: the pair of rows in hand is two short streams, which the hardware
+  // prefetcher leaves to memory latency at 8 rows (SmolLM2's int8 layers in turn, weights from memory, 8
+  // rows: 0.98-1.04x the int16 kernel without, 1.07-1.26x with; 2 and 8 KB ahead alike).
+  const int64_t PF = std::max<int64_t>(2, 4096 / std::max<int64_t>(1, K)) & ~int64_t{1};
+  return tiled_op(x, N, K, [&](const Int8Tiles& a, int64_t M, float* Y) {
+    const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
+    const int64_t grain = std::max<int64_t>(2, (1 << 18) / std::max<int64_t>(1, M * K)) & ~int64_t{1};
+    parallel_rows(N, grain, [&](int64_t n0, int64_t n1) {
+      alignas(32) float out[2][16];
+      for (int64_t n = n0; n < n1; n += 2) {
+        const bool two_rows = n + 1 < n1;  // a lone last row is computed twice, stored once
+        const int64_t n_1 = two_rows ? n + 1 : n;
+        if (n + PF + 2 <= n1) {
+          const char* p = reinterpret_cast<const char*>(W + (n + PF) * K);
+          for (int64_t i = 0; i < 2 * K; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+        }
+        for (int64_t t = 0; t < a.tiles; ++t) {
+          const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
+          const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q.data() + t * nb * 8 * 16);
+          const float* xd = a.d.data() + t * nb * 16;
+          if (lanes > 8)
+            q8_tile_direct<true>(W + n * K, W + n_1 * K, S + n * ng, S + n_1 * ng, K, bpg, xq, xd, out);
+          else
+            q8_tile_direct<false>(W + n * K, W + n_1 * K, S + n * ng, S + n_1 * ng, K, bpg, xq, xd, out);
+          for (int l = 0; l < lanes; ++l) {
+            Y[(t * 16 + l) * N + n] = out[0][l];
+            if (two_rows) Y[(t * 16 + l) * N + n + 1] = out[1][l];
+          }
+        }
+      }
+    });
+  });
+}
 #endif
 #endif
 
@@ -1500,8 +1588,8 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
 // The two linear ops (declared in kernels.h: layers.cpp calls them directly). Products of at least
 // batch_rows activation rows (0 = never) run as bf16 tile products where the CPU has AMX and N is a multiple
 // of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8; from GEMM_MIN_ROWS rows
-// the int8 GEMM), and with AVX2 int4 ones as the int8 GEMM; anything else, and every product on other CPUs,
-// with int16 activations.
+// the int8 GEMM), and with AVX2 int4 ones as the int8 GEMM (one tile: q4_rows_direct), int8 ones through
+// q8_tile_direct; anything else, and every product on other CPUs, with int16 activations.
 namespace llamarun_kernels {
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t group_size,
@@ -1525,6 +1613,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
                                       },
                                       [&](auto R, const Int8Activations& a, int64_t m0, int64_t n0, int64_t n1,
                                           float* out) { q8_rows_i8<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
+#elif defined(LLAMARUN_AVX2)
+  if (batch_rows > 0 && x.numel() / K >= batch_rows) return q8_direct_op(x, W, S, N, K, group_size);
 #endif
   return linear_op(x, N, K, K, [&](auto R, const QuantizedActivations& a, int64_t m0, int64_t n0, int64_t n1,
                                    float* out) { q8_rows<R>(W, S, K, group_size, a, m0, n0, n1, out, N); });
