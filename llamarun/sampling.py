@@ -154,18 +154,12 @@ CANDIDATES = 256  # sample among the top-256 tokens when they are sure to hold e
 def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`filtered_probs` restricted to the CANDIDATES most likely tokens: (probabilities [B, k], not
     renormalised, and their token ids [B, k]), or None when the filters might keep a token outside them.
-    Sorting a 49K vocabulary for top-p costs ~4 ms and a multinomial draw over it ~1.5 ms, half of a small
-    model's decode step; the candidates cost ~0.1 ms (the ``top_candidates`` kernel; torch.topk +
-    logsumexp, without the kernels, ~0.33 ms)."""
+    Sorting a 49K vocabulary for top-p costs ~4 ms on a CPU and a multinomial draw over it ~1.5 ms; torch.topk
+    and logsumexp ~0.33 ms. (On a CPU with the kernels, :func:`sample` draws in one kernel instead.)"""
     k = min(CANDIDATES, params.top_k) if params.top_k else CANDIDATES
-    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
-        # One kernel: ~0.1 ms instead of torch.topk + logsumexp's ~0.33 ms on a 49K vocabulary.
-        vals, idx, logz = torch.ops.llamarun.top_candidates(logits.contiguous(), k, params.temperature)
-        logz = logz[:, None]
-    else:
-        scaled = logits.float() / params.temperature
-        vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
-        logz = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    scaled = logits.float() / params.temperature
+    vals, idx = torch.topk(scaled, k, dim=-1)  # [B, k], most likely first
+    logz = torch.logsumexp(scaled, dim=-1, keepdim=True)
     # logz is NaN or infinite when a logit is NaN, or when x / temperature overflows float32 (a temperature
     # near 0): filtered_probs, which scales safely and reports NaN, takes such rows.
     finite = torch.isfinite(logz[:, 0])
@@ -197,6 +191,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
             ids = logits.argmax(dim=-1)
             finite = bool(torch.isfinite(logits.gather(-1, ids.unsqueeze(-1))).all())
         if not finite:
+            raise NonFiniteLogits(logits)
+        return ids
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
+        # One kernel: filtered_probs' filters by selection instead of a sort, and the draw (see fused.cpp).
+        u = torch.rand(logits.shape[0], dtype=torch.float64, generator=generator)
+        ids = torch.ops.llamarun.sample_filtered(logits.detach().contiguous(), u, params.temperature,
+                                                 params.top_k or 0, params.top_p, params.min_p)
+        if bool((ids < 0).any()):
             raise NonFiniteLogits(logits)
         return ids
     if logits.dim() == 2 and logits.shape[-1] > CANDIDATES:

@@ -303,43 +303,6 @@ def test_argmax_matches_torch(vocab):
     torch.testing.assert_close(torch.ops.llamarun.argmax(x), x.argmax(-1), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("vocab,k", [(257, 1), (300, 40), (5000, 256), (49152, 256)])
-def test_top_candidates_matches_torch(vocab, k):
-    """Sampling's candidate set: the k largest of x / temperature as torch.topk gives them (values and
-    indices; ties: the lower index first) and logsumexp(x / temperature); NaN logits give a NaN logsumexp."""
-    torch.manual_seed(vocab)
-    x = torch.randn(3, vocab) * 3
-    x[:, :5] += 10
-    x[2, 100:200] = 1.0  # a run of ties
-    for t in (0.6, 1.0, 1.3):
-        vals, idx, logz = torch.ops.llamarun.top_candidates(x, k, t)
-        want_vals, want_idx = torch.topk(x / t, k, dim=-1)
-        assert torch.equal(vals, want_vals) and torch.equal(idx, want_idx)
-        torch.testing.assert_close(logz, torch.logsumexp(x / t, dim=-1), rtol=1e-6, atol=1e-5)
-    ties = torch.zeros(1, vocab)
-    ties[0, vocab // 2 :] = 1.0
-    assert torch.ops.llamarun.top_candidates(ties, k, 1.0)[1][0].tolist() == list(range(vocab // 2, vocab // 2 + k))
-    x[1, 7] = float("nan")
-    assert torch.ops.llamarun.top_candidates(x, k, 1.0)[2].isnan().tolist() == [False, True, False]
-    with pytest.raises(RuntimeError, match="1 <= k <= V"):
-        torch.ops.llamarun.top_candidates(x, vocab + 1, 1.0)
-
-
-def test_candidate_probs_with_and_without_the_kernel(monkeypatch):
-    from llamarun import kernels
-    from llamarun.sampling import SamplingParams, candidate_probs
-
-    torch.manual_seed(0)
-    logits = torch.randn(2, 49152) * 2
-    logits[:, :30] += 9
-    params = SamplingParams(temperature=0.7, top_p=0.9)
-    fast = candidate_probs(logits, params)
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    slow = candidate_probs(logits, params)
-    assert torch.equal(fast[1], slow[1])
-    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-7)
-
-
 def test_greedy_sample_uses_the_argmax_kernel():
     from llamarun.sampling import SamplingParams, sample
 

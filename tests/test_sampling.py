@@ -1,6 +1,6 @@
 """Sampling's numerical edge cases: temperatures near 0, NaN and infinite logits, bad parameter values.
 
-Every case runs with the compiled kernels (``top_candidates``, ``argmax``) and with the portable torch code
+Every case runs with the compiled kernels (``sample_filtered``, ``argmax``) and with the portable torch code
 (what ``LLAMARUN_KERNELS=0`` and accelerators use), on a vocabulary large enough for the candidate path and
 on one small enough that the full-vocabulary path runs.
 """
@@ -111,3 +111,94 @@ def test_bad_sampling_values_are_usage_errors():
             SamplingParams(**kw)
         assert needle in str(e.value), (kw, str(e.value))
     assert SamplingParams(temperature=1e-320, top_k=3).temperature == 1e-320
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no CPU kernels")
+
+
+def _grid_picks(x: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
+    """The kernel's picks for row x at n evenly spaced u in (0, 1): token i's count is then n times its
+    probability to within 1 (inverse CDF: each token owns an interval of u as long as its probability)."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return torch.ops.llamarun.sample_filtered(x.expand(n, -1).contiguous(), u, params.temperature,
+                                              params.top_k or 0, params.top_p, params.min_p)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", ["peaked", "flat"])
+@pytest.mark.parametrize("kw", [*FILTERS, dict(temperature=1.3, top_p=0.95), dict(temperature=0.7, top_p=0.5),
+                                dict(top_p=0.9, top_k=1000), dict(top_p=0.8, top_k=40, min_p=0.02),
+                                dict(temperature=1.0, top_p=1.0)])
+def test_the_sampling_kernel_draws_from_filtered_probs(shape, kw):
+    """sample_filtered (one kernel: filters by selection, no sort, then the draw) picks each token with
+    filtered_probs' probability: over a grid of u every token's count is n p to within 1.5, and no token
+    outside the filters is ever picked. Peaked rows (a nucleus of a few tokens) and flat ones (thousands,
+    which the candidate path handed to a sort of the whole vocabulary)."""
+    torch.manual_seed(3)
+    vocab, n = 3000, 4000
+    x = torch.randn(1, vocab) * (3 if shape == "peaked" else 0.5)
+    if shape == "peaked":
+        x[0, :10] += 6
+    params = SamplingParams(**{"temperature": 0.8, **kw})
+    ref = filtered_probs(x.double(), params)[0]
+    counts = torch.bincount(_grid_picks(x, params, n), minlength=vocab).double()
+    assert counts.sum() == n
+    assert (counts[ref == 0] == 0).all()
+    assert (counts - n * ref).abs().max().item() <= 1.5
+
+
+@needs_kernels
+def test_the_sampling_kernel_keeps_ties_as_filtered_probs_does():
+    """Ties at top-k's cut are all kept (torch's `probs < kth` rule); ties across top-p's cut keep as many
+    tokens as Meta's rule does (which of the tied ones is the sort's choice, so the counts are compared as
+    sorted values); -inf logits are never picked; u at 0 and just below 1 pick tokens within the filters."""
+    x = torch.full((1, 600), float("-inf"))
+    x[0, 50:53] = 2.0  # p 0.093 each
+    x[0, 60:70] = 1.0  # 0.034
+    x[0, 70:100] = 0.0  # 0.0126
+    for params in (SamplingParams(temperature=1.0, top_p=1.0, top_k=4), SamplingParams(temperature=1.0, top_p=0.5),
+                   SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_p=0.3, top_k=20),
+                   SamplingParams(temperature=0.5, top_p=1.0, min_p=0.2)):
+        ref = filtered_probs(x.double(), params)[0]
+        counts = torch.bincount(_grid_picks(x, params, 5000), minlength=600).double()
+        assert (counts[:50] == 0).all() and (counts[100:] == 0).all()
+        kept = ref[ref > 0].sort().values
+        got = counts[counts > 0].sort().values
+        assert len(got) == len(kept), params
+        assert (got - 5000 * kept).abs().max().item() <= 1.5, params
+        edges = torch.ops.llamarun.sample_filtered(x.expand(2, -1).contiguous(),
+                                                   torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64),
+                                                   params.temperature, params.top_k or 0, params.top_p, params.min_p)
+        assert all(x[0, i] >= x[0, ref > 0].min() for i in edges.tolist()), params  # a kept token or its tie
+
+
+@needs_kernels
+def test_the_sampling_kernel_marks_rows_without_a_distribution():
+    """A row with a NaN, an infinite maximum or nothing but -inf gets -1 (sample raises NonFiniteLogits), and
+    the other rows of the batch are still drawn from their own logits."""
+    x = torch.randn(5, 400)
+    x[0, 7] = float("nan")
+    x[1, 3] = float("inf")
+    x[2] = float("-inf")
+    x[3, 11] = 50.0  # certain
+    ids = torch.ops.llamarun.sample_filtered(x, torch.rand(5, dtype=torch.float64), 0.7, 0, 0.9, 0.0)
+    assert ids.tolist()[:4] == [-1, -1, -1, 11] and 0 <= ids[4] < 400
+    with pytest.raises(RuntimeError, match="u must be float64"):
+        torch.ops.llamarun.sample_filtered(x, torch.rand(5), 0.7, 0, 0.9, 0.0)
+
+
+@needs_kernels
+def test_sample_through_the_kernel_is_seeded_and_takes_any_layout():
+    """sample() on CPU float32 logits draws with the kernel from the generator's uniforms: the same seed gives
+    the same tokens, strided and grad-requiring logits work, and every pick is within the filters."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2 * 5000) * 2
+    x[:, :20] += 5
+    strided = x[:, ::2].requires_grad_()
+    params = SamplingParams(temperature=1.1, top_p=0.8, top_k=50)
+    a = sample(strided, params, torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample(strided, params, torch.Generator().manual_seed(7)))
+    draws = torch.stack([sample(strided, params, torch.Generator().manual_seed(s)) for s in range(40)])
+    allowed = filtered_probs(strided.detach(), params) > 0
+    assert all(allowed[r, t] for row in draws.tolist() for r, t in enumerate(row))
+    assert len(set(map(tuple, draws.tolist()))) > 1

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <utility>
@@ -881,68 +882,206 @@ at::Tensor argmax(const at::Tensor& x) {
   return out;
 }
 
-// The k largest of x[b] / temperature, most likely first (ties: the lower index first), their indices, and
-// logsumexp(x[b] / temperature): what sampling's candidate set needs (see llamarun/sampling.py), in two
-// vector passes and a bounded heap. torch.topk(256) and logsumexp over a 49K vocabulary took ~330 us a
-// step, half of the default (top-p) sampling's cost. NaN logits make logz NaN (as torch's logsumexp).
-std::vector<at::Tensor> top_candidates(const at::Tensor& x, int64_t k, double temperature) {
-  check_f32(x, "x");
-  TORCH_CHECK(x.dim() == 2 && k >= 1 && k <= x.size(1), "top_candidates takes [B, V] and 1 <= k <= V");
-  TORCH_CHECK(temperature > 0, "top_candidates: temperature must be > 0");
-  const int64_t B = x.size(0), V = x.size(1);
-  at::Tensor vals = at::empty({B, k}, x.options());
-  at::Tensor idx = at::empty({B, k}, x.options().dtype(at::kLong));
-  at::Tensor logz = at::empty({B}, x.options());
-  const float t = static_cast<float>(temperature);
-  std::vector<std::pair<float, int64_t>> heap;  // min-heap on (value, -index): its front is the one to drop
-  auto worse = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
+// One token per row drawn from softmax(x[b] / temperature) after llamarun.sampling.filtered_probs' filters
+// (top-k, min-p, then top-p by Meta's rule: a token is kept while the mass of the more likely tokens before
+// it is at most top_p), by inverse CDF with u[b] in [0, 1): ids [B] int64, -1 for a row with a NaN or an
+// infinite (or all -inf) maximum. No sort of the vocabulary and no second full-size probability array:
+//   1. e = exp((x - max) / t) (e of the most likely token is 1; underflow is exactly 0, as softmax gives),
+//      Z = sum(e);
+//   2. the tokens that can survive are gathered: e >= min_p (min-p's floor: min_p x the largest probability),
+//      and with top_p < 1 only p >= (1 - top_p) / (2 V): a token below (1 - top_p) / V has more than top_p
+//      of the mass above it (the V tokens at or below it hold less than 1 - top_p), so the nucleus never
+//      reaches it; on a model's peaked rows this leaves tens to thousands of tokens out of 49K;
+//   3. top-k: the k-th largest e by selection (nth_element), ties with it kept (as torch.topk's cut);
+//   4. top-p: a weighted quickselect finds where the sorted cumulative mass crosses top_p (expected linear
+//      time: partition around a pivot, keep the side holding the crossing);
+//   5. the draw walks the kept tokens, in whatever order the selection left them, to u x their mass.
+// Masses add up in double where torch's cumsum is float32: at most a token whose preceding mass is within
+// float rounding of top_p can land on the other side. At batch 16 on SmolLM2's 49K vocabulary (one thread,
+// Zen 3) the torch path took 33 ms a step with top_p = 1 (multinomial over the vocabulary) and ~100 ms with
+// top_p = 0.95 at temperature 1 (a sort of every row); torch.topk over 256 candidates for
+// peaked rows (the previous kernel path) 3.3 ms; this kernel 0.8-3.4 ms.
+namespace {
+
+struct Cand {
+  float e;
+  int32_t i;
+};
+
+// Rows' buffers, reused between calls (grow, never shrink).
+struct SampleScratch {
+  std::vector<float> e;
+  std::vector<Cand> c;
+};
+
+// The end of the kept prefix of c[0, n) in descending order of e: the first position whose preceding mass
+// exceeds P (Meta's cumsum - p > top_p), found without sorting. c is reordered: c[0, end) is the kept set.
+int64_t nucleus_end(Cand* c, int64_t n, double P) {
+  double A = 0.0;  // the mass of c[0, lo): all kept, so A <= P at the top of the loop
+  int64_t lo = 0, hi = n;
+  uint64_t rng = 0x9E3779B97F4A7C15ull ^ static_cast<uint64_t>(n);
+  auto next = [&rng](int64_t range) {  // xorshift64: pivots, deterministic from call to call
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return static_cast<int64_t>(rng % static_cast<uint64_t>(range));
   };
+  while (hi > lo) {
+    if (hi - lo <= 32) {  // a few left: in order, one by one
+      std::sort(c + lo, c + hi, [](const Cand& a, const Cand& b) { return a.e > b.e; });
+      for (int64_t j = lo; j < hi; ++j) {
+        if (A > P) return j;
+        A += c[j].e;
+      }
+      return hi;
+    }
+    float a = c[lo + next(hi - lo)].e, b = c[lo + next(hi - lo)].e, d = c[lo + next(hi - lo)].e;
+    const float v = std::max(std::min(a, b), std::min(std::max(a, b), d));  // median of three
+    Cand* gt_end = std::partition(c + lo, c + hi, [v](const Cand& x) { return x.e > v; });
+    Cand* eq_end = std::partition(gt_end, c + hi, [v](const Cand& x) { return x.e == v; });
+    double G = 0.0;
+    for (Cand* x = c + lo; x < gt_end; ++x) G += x->e;
+    const int64_t gt = gt_end - c, eq = eq_end - c;
+    if (A + G > P) {  // the crossing is among the larger ones (or right after them): drop the rest
+      hi = gt;
+      continue;
+    }
+    A += G;  // every larger one kept; then the ties with v, one by one while A <= P
+    for (int64_t j = gt; j < eq; ++j) {
+      if (A > P) return j;
+      A += v;
+    }
+    if (A > P) return eq;
+    lo = eq;
+  }
+  return lo;
+}
+
+}  // namespace
+
+at::Tensor sample_filtered(const at::Tensor& x, const at::Tensor& u, double temperature, int64_t top_k, double top_p,
+                           double min_p) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.size(1) < (int64_t{1} << 31), "sample_filtered takes [B, V]");
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.dim() == 1 && u.size(0) == x.size(0) && u.is_contiguous(),
+              "sample_filtered: u must be float64 [B]");
+  TORCH_CHECK(temperature > 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p <= 1 && top_k >= 0,
+              "sample_filtered: temperature > 0, 0 < top_p <= 1, 0 <= min_p <= 1, top_k >= 0");
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  int64_t* O = out.data_ptr<int64_t>();
+  const double* U = u.data_ptr<double>();
+  // As filtered_probs: the divisor at least float32's smallest normal number (x - max is then -inf, not NaN).
+  const float t = std::max(static_cast<float>(temperature), std::numeric_limits<float>::min());
+  thread_local SampleScratch tls;
+  SampleScratch& sc = tls;
+  if (static_cast<int64_t>(sc.e.size()) < V) sc.e.resize(V);
+  if (static_cast<int64_t>(sc.c.size()) < V) sc.c.resize(V);
+  float* e = sc.e.data();
   for (int64_t b = 0; b < B; ++b) {
     const float* r = x.data_ptr<float>() + b * V;
-    // max, then sum of exp(x/t - max/t): division is monotonic, so max(x)/t is the max of x/t.
     bool nan;
-    const float ms = row_max(r, V, &nan) / t;
-    double sum = 0.0;  // float partial sums of 256 terms, added in double: a 49K-term float sum drifts ~1e-5
+    const float m = row_max(r, V, &nan);
+    if (nan || !std::isfinite(m)) {
+      O[b] = -1;
+      continue;
+    }
+    // 1. e and Z (float partial sums of 256 terms, added in double).
+    double Z = 0.0;
     int64_t i = 0;
 #ifdef FUSED_AVX2
-    const __m256 vt = _mm256_set1_ps(t), vms = _mm256_set1_ps(ms);
+    const __m256 vt = _mm256_set1_ps(t), vm = _mm256_set1_ps(m), lowest = _mm256_set1_ps(-87.3f);
     while (i + 8 <= V) {
       __m256 acc = _mm256_setzero_ps();
-      for (const int64_t end = std::min(V - V % 8, i + 256); i < end; i += 8)
-        acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_div_ps(_mm256_loadu_ps(r + i), vt), vms)));
-      sum += hsum8(acc);
-    }
-#endif
-    for (; i < V; ++i) sum += std::exp(r[i] / t - ms);
-    logz.data_ptr<float>()[b] = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(ms + std::log(sum));
-    // The k largest: the first k, then only values above the heap's smallest get in (8 compared at once).
-    heap.clear();
-    for (i = 0; i < k; ++i) heap.emplace_back(r[i], i);
-    std::make_heap(heap.begin(), heap.end(), worse);
-    auto offer = [&](int64_t j) {
-      if (r[j] > heap.front().first) {
-        std::pop_heap(heap.begin(), heap.end(), worse);
-        heap.back() = {r[j], j};
-        std::push_heap(heap.begin(), heap.end(), worse);
+      for (const int64_t end = std::min(V - V % 8, i + 256); i < end; i += 8) {
+        const __m256 z = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(r + i), vm), vt);
+        // exp8 clamps its input: below -87.3 the true value is a denormal or 0; 0 it is.
+        const __m256 ev = _mm256_andnot_ps(_mm256_cmp_ps(z, lowest, _CMP_LT_OQ), exp8(z));
+        _mm256_storeu_ps(e + i, ev);
+        acc = _mm256_add_ps(acc, ev);
       }
-    };
-#ifdef FUSED_AVX2
-    for (; i + 8 <= V; i += 8) {
-      int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(r + i), _mm256_set1_ps(heap.front().first), _CMP_GT_OQ));
-      for (; hit; hit &= hit - 1) offer(i + __builtin_ctz(static_cast<unsigned>(hit)));
+      Z += hsum8(acc);
     }
 #endif
-    for (; i < V; ++i) offer(i);
-    std::sort_heap(heap.begin(), heap.end(), worse);  // ascending under `worse`: the best first
-    float* vo = vals.data_ptr<float>() + b * k;
-    int64_t* io = idx.data_ptr<int64_t>() + b * k;
-    for (int64_t j = 0; j < k; ++j) {
-      vo[j] = heap[j].first / t;
-      io[j] = heap[j].second;
+    for (; i < V; ++i) {
+      const float z = (r[i] - m) / t;
+      e[i] = z < -87.3f ? 0.0f : std::exp(z);
+      Z += e[i];
     }
+    if (top_p >= 1.0 && min_p <= 0.0 && (top_k <= 0 || top_k >= V)) {  // no filter: the draw over e itself
+      const double target = U[b] * Z;
+      double acc = 0.0;
+      int64_t pick = -1;
+      for (int64_t j = 0; j < V; ++j) {
+        if (e[j] <= 0.0f) continue;
+        pick = j;
+        acc += e[j];
+        if (acc > target) break;
+      }
+      O[b] = pick;
+      continue;
+    }
+    // 2. The tokens that can survive every filter.
+    float floor = static_cast<float>(min_p);  // min-p: e < min_p x e_max (= 1) is cut
+    if (top_p < 1.0) floor = std::max(floor, static_cast<float>((1.0 - top_p) * Z / (2.0 * V)));
+    if (top_k > 0 && top_k < V) {
+      // top-k's floor by binade: count the tokens per float exponent of e (e in [0, 1]: bits 23-30); the
+      // k-th largest is in the highest binade where the count from the top reaches k (nth_element over all
+      // 49K tokens took ~0.6 ms a row).
+      int64_t count[256] = {0};
+      for (int64_t j = 0; j < V; ++j) {
+        uint32_t bits;
+        std::memcpy(&bits, e + j, 4);
+        ++count[bits >> 23];
+      }
+      uint32_t bin = 255;
+      for (int64_t seen = 0; bin > 0; --bin)
+        if ((seen += count[bin]) >= top_k) break;
+      const uint32_t low = bin << 23;  // the smallest float of that binade (0 for the lowest one)
+      float binade;
+      std::memcpy(&binade, &low, 4);
+      floor = std::max(floor, binade);
+    }
+    Cand* c = sc.c.data();
+    int64_t n = 0;
+    i = 0;
+#ifdef FUSED_AVX2
+    const __m256 vf = _mm256_set1_ps(floor);
+    for (; i + 8 <= V; i += 8) {
+      int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(e + i), vf, _CMP_GE_OQ));
+      for (; hit; hit &= hit - 1) {
+        const int64_t j = i + __builtin_ctz(static_cast<unsigned>(hit));
+        c[n++] = {e[j], static_cast<int32_t>(j)};
+      }
+    }
+#endif
+    for (; i < V; ++i)
+      if (e[i] >= floor) c[n++] = {e[i], static_cast<int32_t>(i)};
+    // (n >= 1: the most likely token has e = 1 >= floor, as min_p <= 1 and (1 - top_p) Z / 2V < 1.)
+    // 3. top-k: the k-th largest overall is among c when c holds at least k tokens; otherwise every token
+    //    in c is within the k largest.
+    if (top_k > 0 && top_k < n) {
+      std::nth_element(c, c + top_k - 1, c + n, [](const Cand& a, const Cand& b) { return a.e > b.e; });
+      const float kth = c[top_k - 1].e;
+      n = std::partition(c, c + n, [kth](const Cand& a) { return a.e >= kth; }) - c;
+    }
+    // 4. top-p.
+    if (top_p < 1.0) n = nucleus_end(c, n, top_p * Z);
+    // 5. The draw.
+    double T = 0.0;
+    for (int64_t j = 0; j < n; ++j) T += c[j].e;
+    const double target = U[b] * T;
+    double acc = 0.0;
+    int64_t pick = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      if (c[j].e <= 0.0f) continue;
+      pick = c[j].i;
+      acc += c[j].e;
+      if (acc > target) break;  // past the end through rounding: the last token with a share
+    }
+    O[b] = pick;
   }
-  return {vals, idx, logz};
+  return out;
 }
 
 }  // namespace llamarun_kernels
@@ -958,7 +1097,7 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("bf16_gemm() -> bool", &llamarun_kernels::bf16_gemm);
   m.def("argmax(Tensor x) -> Tensor");
-  m.def("top_candidates(Tensor x, int k, float temperature) -> Tensor[]");
+  m.def("sample_filtered(Tensor x, Tensor u, float temperature, int top_k, float top_p, float min_p) -> Tensor");
   m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start) -> Tensor");
   m.def("attn_decode(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope, int pos, int n_heads, "
         "int n_kv_heads) -> Tensor");
@@ -970,7 +1109,7 @@ TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {
   m.impl("rope", &llamarun_kernels::rope);
   m.impl("f32_linear", &llamarun_kernels::f32_linear);
   m.impl("argmax", &llamarun_kernels::argmax);
-  m.impl("top_candidates", &llamarun_kernels::top_candidates);
+  m.impl("sample_filtered", &llamarun_kernels::sample_filtered);
   m.impl("attn_decode", &llamarun_kernels::attn_decode);
   m.impl("attn_prefill", &llamarun_kernels::attn_prefill);
 }
