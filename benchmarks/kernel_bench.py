@@ -87,7 +87,7 @@ def kernel_table(ms: list[int], shapes: list[str], rounds: int, baselines: bool)
                 if m >= 16:  # the two paths the layer chooses between, each on its own
                     v[f"{label} int-kernel"] = (lambda i, mods=mods: mods[i]._kernel(x), copies, nbytes)
                     v[f"{label} dequant+mm"] = (lambda i, mods=mods: mods[i]._dense(x), copies, nbytes)
-                if m >= Q.BATCH_MIN_ROWS and kernels.int8_batches(mods[0].mode) and not kernels.bf16_tiles():
+                if m >= Q.BATCH_MIN_ROWS and kernels.int8_batches() and not kernels.bf16_tiles():
                     # The int8-activation batch products (int8 GEMM), which Llama.load switches on for batches
                     # (quantize.set_int8_batches): the op called with a row threshold of 1.
                     ka = [t._kernel_args() for t in mods]

@@ -135,14 +135,14 @@ def _int8_reference(x: torch.Tensor, qt) -> torch.Tensor:
     return xq @ qt.dequantize(torch.float64).t()
 
 
-needs_int8 = pytest.mark.skipif(not kernels.int8_batches("int4"), reason="no int8 batch products on this CPU")
+needs_int8 = pytest.mark.skipif(not kernels.int8_batches(), reason="no int8 batch products on this CPU")
 
 
-def _skip_without_int8(mode: str) -> None:
+def _skip_without_int8() -> None:
     if kernels.bf16_tiles():
         pytest.skip("this CPU takes batches to the bf16 tiles")
-    if not kernels.int8_batches(mode):
-        pytest.skip(f"no int8 batch products for {mode} weights on this CPU")
+    if not kernels.int8_batches():
+        pytest.skip("no int8 batch products on this CPU")
 
 
 @needs_int8
@@ -158,7 +158,7 @@ def test_int8_batches_match_the_int8_reference(mode, n, k, g, m):
     a partial tile and two passes of 8 tiles; output widths not a multiple of its 8 rows; with AVX2 the GEMM
     takes every batch, half tiles of 8 rows included). The error against float x stays near llama.cpp's (Q8
     activations). Below the threshold the same op runs the int16 kernel, bit for bit."""
-    _skip_without_int8(mode)
+    _skip_without_int8()
     qt = Q.quantize_tensor(_random_weight(n, k, seed=n + k), mode, g)
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
@@ -177,7 +177,7 @@ def test_int8_gemm_agrees_with_the_row_kernel(mode, n, k, g):
     """From 16 rows the int8 products run as a GEMM (16 activation rows in a register's lanes): the same
     rounded inputs and integer block sums as the row kernel below 16 rows (with AVX2: the GEMM's half tiles),
     so every row agrees with what the row kernel gives it, to float32 rounding."""
-    _skip_without_int8(mode)
+    _skip_without_int8()
     qt = Q.quantize_tensor(_random_weight(n, k, seed=n), mode, g)
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(37, k, generator=torch.Generator().manual_seed(k))
@@ -191,7 +191,7 @@ def test_int8_batches_follow_set_int8_batches():
     """set_int8_batches gives layers the row threshold, and every larger batch (prefill's included) goes to
     the int8 products instead of the dense path; rows=0 turns it off: the layer's output is then the int16
     kernel's again, and large batches dequantize + GEMM."""
-    _skip_without_int8("int4")
+    _skip_without_int8()
     model = torch.nn.Sequential(Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 5), "int4", 32)))
     layer = model[0]
     x = torch.randn(Q.BATCH_MIN_ROWS, 128)
@@ -213,7 +213,7 @@ def test_int8_batches_follow_set_int8_batches():
 def test_set_int8_batches_switches_every_layer():
     """Every quantized layer's batches stay in the kernels (no dense path), int8 products for int4 and int8
     weights alike (AVX2 without VNNI: the int8 ones through the sign trick). rows=0 switches all back."""
-    _skip_without_int8("int4")
+    _skip_without_int8()
     layers = [Q.make_linear(Q.quantize_tensor(_random_weight(32, 64, i), mode, 32)) for i, mode in
               enumerate(("int4", "int8"))]
     model = torch.nn.Sequential(*layers)
@@ -232,7 +232,7 @@ def test_set_int8_batches_switches_every_layer():
 def test_int8_batches_keep_nan_in_its_row(mode, m):
     """A NaN input reaches its own row's outputs through the int8 rounding (a block's largest magnitude would
     drop it: NaN compares false) and no other row's, in the row kernel, a GEMM tile and a half tile alike."""
-    _skip_without_int8(mode)
+    _skip_without_int8()
     qt = Q.quantize_tensor(_random_weight(24, 96, 3), mode, 32)
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(m, 96)

@@ -220,11 +220,10 @@ def bf16_gemm() -> bool:
     return available() and bool(torch.ops.llamarun.bf16_gemm())
 
 
-def int8_batches(mode: str = "int4") -> bool:
-    """True if the kernels have int8-activation products for batches of ``mode`` ("int4" / "int8") weights
-    (see ``quantize.set_int8_batches``): with AVX-512 VNNI, and with AVX2 (vpmaddubsw: the 4-bit weights
-    as its unsigned operand; int8 weights through llama.cpp's sign trick). ``mode`` is kept for callers
-    that ask per weight format: both formats have them wherever either does."""
+def int8_batches() -> bool:
+    """True if the kernels have int8-activation products for batches of int4 and int8 weights (see
+    ``quantize.set_int8_batches``): with AVX-512 VNNI, and with AVX2 (vpmaddubsw: the 4-bit weights as its
+    unsigned operand; int8 weights through llama.cpp's sign trick)."""
     if not available():
         return False
     return torch.ops.llamarun.simd_level() >= 2
