@@ -34,7 +34,7 @@ def test_silu_mul_matches_reference(shape):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 2, 64), (3, 2, 64), (1, 40)])  # 4 rows: the pool; 6: MKL
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 2, 64), (3, 2, 64), (1, 40), (3, 72), (2, 36)])  # 4 rows: the pool; 6: MKL
 @pytest.mark.parametrize("n", [960, 7])
 def test_f32_linear_matches_torch(shape, n):
     torch.manual_seed(0)
@@ -43,8 +43,10 @@ def test_f32_linear_matches_torch(shape, n):
                                rtol=1e-5, atol=1e-4)
 
 
-# Rows: 1 and 4 the pool; 6 a bf16 GEMM with native bf16, else the pool (up to 32 rows); 40 a GEMM either way.
-@pytest.mark.parametrize("shape", [(1, 1, 576), (4, 288), (2, 3, 64), (1, 40), (2, 20, 64)])
+# Rows: 1 and 4 the pool; 6 a bf16 GEMM with native bf16, else the pool (up to 32 rows: tiles of 4 x rows and
+# 3 weight rows, the remainders on their own, K not a multiple of 8 as dot products); 40 a GEMM either way.
+@pytest.mark.parametrize("shape", [(1, 1, 576), (4, 288), (2, 3, 64), (1, 40), (2, 20, 64), (16, 576), (7, 72),
+                                   (5, 36)])
 @pytest.mark.parametrize("n", [960, 7, 20000])  # 20000 x 64: the widening's 4 MiB tiles, the last one partial
 def test_f32_linear_with_bf16_weights(shape, n):
     """bfloat16 weights: decode rows widen them exactly (float32 products and sums); more rows are a bf16 GEMM
