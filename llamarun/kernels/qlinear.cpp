@@ -1468,8 +1468,9 @@ at::Tensor q4_direct_op(const at::Tensor& x, const uint8_t* W, const uint16_t* S
 // not, so each vpmaddubsw is widened at once (vpmaddwd by ones) into the rows' int32 block sums: two
 // multiplies per 4 inputs x 8 rows, where the int16 kernel spends two per 2 inputs x 4 rows and a float
 // conversion and FMA per block and row. Zen 3, 2 threads, medians of alternating runs: SmolLM2's int8 output
-// layer (49152 x 576) at 16 rows 1.15-1.5x the int16 kernel (whole-model decode batch 16 +12%), 0.8-0.95x at
-// 6-8 rows; its 1536 x 576 and 576 x 1536 shapes 1.0-1.4x at 6-8 rows, 1.5-1.7x at 16-64. Two weight rows
+// layer (49152 x 576) at 16 rows 1.15-1.5x the int16 kernel (whole-model decode batch 16 +13-18%), 0.8-0.95x
+// at 6-8 rows before the prefetch in q8_direct_op; its 1536 x 576 and 576 x 1536 shapes 1.0-1.4x at 6-8
+// rows, 1.5-1.7x at 16-64. Two weight rows
 // at a time, their float sums in registers; every tile of x for each pair (which stays in L1), so
 // prefill's chunks run here too.
 template <bool kTwo>
