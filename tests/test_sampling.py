@@ -202,3 +202,36 @@ def test_sample_through_the_kernel_is_seeded_and_takes_any_layout():
     allowed = filtered_probs(strided.detach(), params) > 0
     assert all(allowed[r, t] for row in draws.tolist() for r, t in enumerate(row))
     assert len(set(map(tuple, draws.tolist()))) > 1
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
+                                dict(frequency_penalty=0.4, presence_penalty=-0.3),
+                                dict(repetition_penalty=1.1, frequency_penalty=-0.2, presence_penalty=0.5)])
+def test_penalties_touch_only_the_history_and_match_the_dense_rule(kw):
+    """apply_penalties works on the history's [B, T] values: the result equals the rule applied over the
+    whole [B, V] logits (counts per token, repetition penalty by sign, frequency x count, presence once),
+    with repeated tokens, entries masked out (a masked entry's token changes only if it is also seen) and
+    -1 padding; every other logit is untouched, and the input is not modified."""
+    torch.manual_seed(5)
+    B, V, T = 3, 500, 40
+    x = torch.randn(B, V) * 4
+    history = torch.randint(0, 60, (B, T))  # a narrow range: plenty of repeats
+    mask = torch.rand(B, T) > 0.3
+    history[0, :5] = -1  # padding
+    mask[0, :5] = False
+    params = SamplingParams(**kw)
+    before = x.clone()
+    got = apply_penalties(x, history, mask, params)
+    assert torch.equal(x, before)
+    counts = torch.zeros(B, V)
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                counts[b, history[b, t]] += 1
+    seen = counts > 0
+    want = x.clone()
+    rp = params.repetition_penalty
+    want = torch.where(seen, torch.where(want > 0, want / rp, want * rp), want)
+    want = want - params.frequency_penalty * counts - params.presence_penalty * seen.float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(got[~seen], x[~seen])
