@@ -450,3 +450,20 @@ def test_attn_prefill_matches_causal_sdpa(b, s, h, k, d, start, dtype):
     with pytest.raises(RuntimeError, match="cache shape mismatch"):
         torch.ops.llamarun.attn_prefill(q, kc[:, :, : start + s - 1], vc[:, :, : start + s - 1], start)
 
+
+
+@needs_int8
+@pytest.mark.parametrize("m", [6, 16, 40])
+def test_int8_batches_take_weights_of_minus_128(m):
+    """An int8 weight of -128 (a GGUF Q8_0 file may hold one; llamarun's quantizer stops at -127): the AVX2
+    sign trick multiplies |w| = 128 as an unsigned byte, and VNNI's products take it as it is; the sums
+    match the int8 reference of the rounding."""
+    _skip_without_int8()
+    qt = Q.quantize_tensor(_random_weight(24, 96, 7), "int8", 32)
+    qt.qweight[::3, ::5] = -128
+    qt.qweight[1::3, 1::7] = 127
+    op, args = Q.make_linear(qt)._kernel_args()
+    x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)) * 3
+    y = op(x, *args[:-1], 1)
+    ref = _int8_reference(x, qt)
+    assert (y.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
