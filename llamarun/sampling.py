@@ -180,13 +180,18 @@ def candidate_probs(logits: torch.Tensor, params: SamplingParams) -> tuple[torch
     return (p, idx) if bool((covered & finite).all()) else None
 
 
+def _kernel_rows(logits: torch.Tensor) -> bool:
+    """Whether the compiled kernels (``argmax``, ``sample_filtered``) take these logits: [B, V] float32 on a CPU."""
+    return logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available()
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row from logits [B, V] -> [B] (int64). Raises NonFiniteLogits for a row with a NaN
     or an infinite maximum."""
     if params.greedy:
         # argmax picks a row's first NaN if it has one (the kernel does as torch.argmax), so one look at each
         # picked logit finds NaN logits, and an infinite maximum, without another pass over the vocabulary.
-        if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
+        if _kernel_rows(logits):
             rows = logits.contiguous()
             ids = torch.ops.llamarun.argmax(rows)  # torch's CPU argmax is scalar: ~20x slower
             # Through numpy the look costs ~3 us a step (gather + isfinite + all: ~15-20 us).
@@ -198,7 +203,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         if not finite:
             raise NonFiniteLogits(logits)
         return ids
-    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and kernels.available():
+    if _kernel_rows(logits):
         # One kernel: filtered_probs' filters by selection instead of a sort, and the draw (see fused.cpp).
         u = torch.rand(logits.shape[0], dtype=torch.float64, generator=generator)
         ids = torch.ops.llamarun.sample_filtered(logits.detach().contiguous(), u, params.temperature,

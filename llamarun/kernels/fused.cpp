@@ -935,7 +935,8 @@ at::Tensor argmax(const at::Tensor& x) {
 //   2. the tokens that can survive are gathered: e >= min_p (min-p's floor: min_p x the largest probability),
 //      and with top_p < 1 only p >= (1 - top_p) / (2 V): a token below (1 - top_p) / V has more than top_p
 //      of the mass above it (the V tokens at or below it hold less than 1 - top_p), so the nucleus never
-//      reaches it; on a model's peaked rows this leaves tens to thousands of tokens out of 49K;
+//      reaches it; on a model's peaked rows this leaves tens to thousands of tokens out of 49K; with top-k,
+//      only the float binades of e down to the one holding the k-th largest;
 //   3. top-k: the k-th largest e by selection (nth_element), ties with it kept (as torch.topk's cut);
 //   4. top-p: a weighted quickselect finds where the sorted cumulative mass crosses top_p (expected linear
 //      time: partition around a pivot, keep the side holding the crossing);
@@ -951,6 +952,21 @@ struct Cand {
   float e;
   int32_t i;
 };
+
+// The draw: walk e(0..n), skipping tokens without a share, to the first whose running mass exceeds target
+// (u x the total); past the end through rounding, the last token with a share. id(j): the token at j.
+template <typename E, typename Id>
+int64_t draw(int64_t n, double target, E&& e, Id&& id) {
+  double acc = 0.0;
+  int64_t pick = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (e(j) <= 0.0f) continue;
+    pick = id(j);
+    acc += e(j);
+    if (acc > target) break;
+  }
+  return pick;
+}
 
 // Rows' buffers, reused between calls (grow, never shrink).
 struct SampleScratch {
@@ -1053,16 +1069,7 @@ at::Tensor sample_filtered(const at::Tensor& x, const at::Tensor& u, double temp
       Z += e[i];
     }
     if (top_p >= 1.0 && min_p <= 0.0 && (top_k <= 0 || top_k >= V)) {  // no filter: the draw over e itself
-      const double target = U[b] * Z;
-      double acc = 0.0;
-      int64_t pick = -1;
-      for (int64_t j = 0; j < V; ++j) {
-        if (e[j] <= 0.0f) continue;
-        pick = j;
-        acc += e[j];
-        if (acc > target) break;
-      }
-      O[b] = pick;
+      O[b] = draw(V, U[b] * Z, [e](int64_t j) { return e[j]; }, [](int64_t j) { return j; });
       continue;
     }
     // 2. The tokens that can survive every filter.
@@ -1114,16 +1121,7 @@ at::Tensor sample_filtered(const at::Tensor& x, const at::Tensor& u, double temp
     // 5. The draw.
     double T = 0.0;
     for (int64_t j = 0; j < n; ++j) T += c[j].e;
-    const double target = U[b] * T;
-    double acc = 0.0;
-    int64_t pick = -1;
-    for (int64_t j = 0; j < n; ++j) {
-      if (c[j].e <= 0.0f) continue;
-      pick = c[j].i;
-      acc += c[j].e;
-      if (acc > target) break;  // past the end through rounding: the last token with a share
-    }
-    O[b] = pick;
+    O[b] = draw(n, U[b] * T, [c](int64_t j) { return c[j].e; }, [c](int64_t j) { return int64_t{c[j].i}; });
   }
   return out;
 }
