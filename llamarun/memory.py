@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -397,8 +397,28 @@ def config_by_name(name: str) -> ModelArgs:
 
 def linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
     """[out, in] of one block's linear layers (fused as the model holds them)."""
+    return list(block_linears(args).values())
+
+
+def block_linears(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """One block's linear modules (names under ``layers.N.``, fused as the model holds them) -> [out, in]."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    return [(q + 2 * kv, args.dim), (args.dim, q), (2 * args.hidden_dim, args.dim), (args.dim, args.hidden_dim)]
+    return {"attention.wqkv": (q + 2 * kv, args.dim), "attention.wo": (args.dim, q),
+            "feed_forward.w13": (2 * args.hidden_dim, args.dim), "feed_forward.w2": (args.dim, args.hidden_dim)}
+
+
+def override_bytes(args: ModelArgs, mode: str, layer_modes: dict[str, str], layers: range,
+                   group_size: int | None = None) -> int:
+    """Bytes that the modes of ``layer_modes`` (module name -> mode, as :func:`native_quantization` gives)
+    add to ``mode``'s layers, over the blocks in ``layers``."""
+    shapes = block_linears(args)
+    extra = 0
+    for name, other in layer_modes.items():
+        _, index, linear = name.split(".", 2)
+        if int(index) in layers:
+            n, k = shapes[linear]
+            extra += quantized_bytes(n, k, other) - quantized_bytes(n, k, mode, group_size)
+    return extra
 
 
 def quantized_bytes(n: int, k: int, mode: str, group_size: int | None = None) -> int:
@@ -440,7 +460,8 @@ def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode
     ``GGUF_READ_BYTES`` at a time (each piece's raw bytes and its converted copy). Dequantizing into a float model holds about one float32 copy of the tensor above
     the final footprint; quantizing again from float32 about three (the float tensor, its absolute values
     and the scaled copy), measured on a 7B-shaped model. The embedding/output table is int8 in both
-    quantized modes, so it converts losslessly only from int8 blocks (``edge_native_mode``)."""
+    quantized modes: GGUF blocks convert into it a few MiB at a time (``edge_native_mode``), requantized ones
+    through float32 pieces of ``GGUF_READ_BYTES`` and their quantizer's copies."""
     table = args.vocab_size * args.dim
     layer = 2 * args.hidden_dim * args.dim  # the fused w13
     if mode == "none":
@@ -449,7 +470,7 @@ def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode
         # of bf16 weights), and the largest transient on top of the weights is a layer's.
         return (layer if args.tie_embeddings else max(table, layer)) * 4
     layer_t = quantized_bytes(2 * args.hidden_dim, args.dim, mode) if mode == native_mode else 3 * layer * 4
-    table_t = (min(quantized_bytes(args.vocab_size, args.dim, "int8"), 2 * GGUF_READ_BYTES)
+    table_t = (min(quantized_bytes(args.vocab_size, args.dim, "int8"), 4 * GGUF_READ_BYTES)
                if edge_native_mode == "int8" else 3 * table * 4)
     return max(layer_t, table_t)
 
@@ -485,24 +506,48 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "free physical pages"
 
 
-def native_quantization(ckpt) -> dict[str, str]:
-    """The quantized modes a checkpoint converts to losslessly, as make_plan's keyword arguments:
-    ``native_mode`` for the layers ('int4' from Q4_0/Q4_1, 'int8' from Q8_0, else 'none') and
-    ``edge_native_mode`` for the output table (or the embedding it is tied to), which loads as int8: from
-    Q8_0 and Q4_0 blocks (values -8..7) without loss. A llamarun-quantized file names its layers' modes
-    (int4, int8) as their types."""
-    def mode(types: list[str]) -> str:
-        if types and all(t in ("Q4_0", "Q4_1", "int4") for t in types):
-            return "int4"
-        if types and all(t in ("Q8_0", "int8") for t in types):
-            return "int8"
-        return "none"
+# GGUF tensor types by the quantized mode that holds their precision: more than 4 bits per weight -> int8;
+# 4 bits or fewer -> int4 (Q4_0, Q4_1 and Q4_K convert into it as they are, the rarer types are the
+# nearest int4). A llamarun-quantized file names its layers' modes (int4, int8) as their types.
+_INT8_TYPES = {"int8", "Q8_0", "Q8_1", "Q8_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
+_INT4_TYPES = {"int4", "Q4_0", "Q4_1", "Q4_K", "Q2_K", "Q3_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+               "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0"}
+
+
+def _types_mode(types: list[str]) -> str:
+    """The mode that holds tensors of these types: int4 if all fit it, int8 if all fit that, else none."""
+    if types and all(t in _INT4_TYPES for t in types):
+        return "int4"
+    if types and all(t in _INT4_TYPES | _INT8_TYPES for t in types):
+        return "int8"
+    return "none"
+
+
+def native_quantization(ckpt) -> dict[str, Any]:
+    """The quantized modes a checkpoint is stored in, as make_plan's keyword arguments.
+
+    ``native_mode`` for the layers: 'int4' from 4-bit GGUF types, 'int8' from 5-8-bit ones, else 'none'.
+    Files that mix them (Q4_K_M: Q4_K, with Q6_K for attn_v and half the ffn_down; Q5_K_M likewise) get
+    'int4' and ``layer_modes``: int8 for each linear module (a fused one included) with a part of more than
+    4 bits. ``edge_native_mode`` is 'int8' when the output table (or the embedding it is tied to) converts
+    to int8 a few MiB at a time (GGUF block types; Q8_0, Q5_0 and Q4_0 without loss).
+    """
+    from .model import checkpoint_names
+    from .formats.gguf import BLOCK_TYPES
 
     tt = ckpt.tensor_types
     layers = [t for n, t in tt.items() if n.startswith("layers.") and not n.endswith("norm.weight")]
     edge = tt.get("output.weight", tt.get("tok_embeddings.weight"))
-    edge_mode = "int8" if edge == "Q4_0" else mode([edge] if edge else [])
-    return {"native_mode": mode(layers), "edge_native_mode": edge_mode}
+    edge_mode = "int8" if edge in BLOCK_TYPES or edge == "int8" else "none"
+    mode, layer_modes = _types_mode(layers), {}
+    if mode == "int8" and any(t in _INT4_TYPES for t in layers):  # a mix: int4 where every part allows it
+        mode = "int4"
+        for i in range(ckpt.args.n_layers):
+            for linear in block_linears(ckpt.args):
+                name = f"layers.{i}.{linear}"
+                if _types_mode([tt.get(p, "none") for p in checkpoint_names(name + ".weight")]) == "int8":
+                    layer_modes[name] = "int8"
+    return {"native_mode": mode, "edge_native_mode": edge_mode, "layer_modes": layer_modes}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -524,6 +569,7 @@ class Plan:
     overhead: int
     loading: int = 0  # transient while loading (freed before the KV cache and activations exist)
     quantize: str = "none"  # chosen: "none" | "int8" | "int4"
+    layer_modes: dict[str, str] = field(default_factory=dict)  # modules kept in another mode than ``quantize``
     group_size: int | None = None
     weights_on_device: int = 0
     offload_layers: int = 0  # layers kept on the CPU (accelerators only)
@@ -541,7 +587,9 @@ class Plan:
 
     @property
     def label(self) -> str:
-        return self.dtype if self.quantize == "none" else self.quantize
+        if self.quantize == "none":
+            return self.dtype
+        return "+".join([self.quantize] + sorted(set(self.layer_modes.values()) - {self.quantize}))
 
     def to_dict(self) -> dict[str, Any]:
         return dict(asdict(self), total=self.total, fits=self.fits, choice=self.label)
@@ -550,13 +598,16 @@ class Plan:
 def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batch: int = 1,
               max_seq_len: int | None = None, memory: int | None = None, quantize: str = "auto",
               group_size: int | None = None, offload_layers: int | None = None,
-              native_mode: str = "none", edge_native_mode: str = "none", kv_dtype: torch.dtype | None = None) -> Plan:
+              native_mode: str = "none", edge_native_mode: str = "none", layer_modes: dict[str, str] | None = None,
+              kv_dtype: torch.dtype | None = None) -> Plan:
     """Decide how to load a model on ``device`` within ``memory`` bytes (default: what the device has free).
 
-    ``native_mode`` is the quantization the checkpoint carries losslessly ("int4" for a Q4_0/Q4_1 GGUF,
-    "int8" for Q8_0): with ``quantize='auto'`` it comes first, since dequantizing it would only cost memory
-    and speed. ``kv_dtype`` is the KV cache's (default: ``dtype``). Raises RuntimeFailure, before anything is
-    allocated, when nothing fits.
+    ``native_mode`` is the quantization the checkpoint is stored in ("int4" for a Q4_0/Q4_1/Q4_K GGUF,
+    "int8" for Q8_0/Q6_K...): with ``quantize='auto'`` it comes first, since dequantizing it would only
+    cost memory and speed. ``layer_modes`` (module name -> mode) are a mixed file's modules stored with more
+    bits (a Q4_K_M file's Q6_K ones as int8): ``quantize='auto'`` keeps them if that fits, else makes them
+    ``native_mode`` too. ``kv_dtype`` is the KV cache's (default: ``dtype``). Raises RuntimeFailure, before
+    anything is allocated, when nothing fits.
     """
     seq = max_seq_len or args.max_seq_len
     if batch < 1:
@@ -583,34 +634,43 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                 kv_cache=kv_cache_bytes(args, batch, seq, DTYPE_BYTES[kv_dtype]),
                 kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activation_bytes(args, batch, seq, nbytes),
                 overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size)
+    # (mode, modules kept in another mode) in the order tried
     if quantize != "auto":
-        order = [quantize]
+        order = [(quantize, {})]
     elif native_mode != "none":
-        order = [native_mode] + [m for m in ("int8", "int4") if m != native_mode]
+        order = [(native_mode, layer_modes or {})] + [(m, {}) for m in ("int8", "int4") if m != native_mode]
+        if layer_modes:
+            plan.weights[f"{native_mode}+int8"] = (weight_bytes(args, native_mode, nbytes, group_size)
+                                                   + override_bytes(args, native_mode, layer_modes, range(args.n_layers)))
+            order.insert(1, (native_mode, {}))
     else:
-        order = ["none", "int8", "int4"]
+        order = [("none", {}), ("int8", {}), ("int4", {})]
     full_kv = plan.kv_cache
 
-    def choose(mode: str, n_cpu: int) -> Plan:
-        plan.quantize, plan.offload_layers = mode, n_cpu
+    def choose(mode: str, n_cpu: int, modes: dict[str, str] | None = None) -> Plan:
+        plan.quantize, plan.offload_layers, plan.layer_modes = mode, n_cpu, dict(modes or {})
         on_dev = args.n_layers - n_cpu
-        plan.weights_on_device = on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
+        plan.weights_on_device = (on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
+                                  + override_bytes(args, mode, plan.layer_modes, range(on_dev), group_size))
         plan.kv_cache = full_kv * on_dev // args.n_layers
         # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
         plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode) if device.type == "cpu" else 0
         return plan
 
     tried = []
-    for mode in order:
-        if choose(mode, offload_layers or 0).fits:
+    for mode, modes in order:
+        if choose(mode, offload_layers or 0, modes).fits:
             plan.reason = (f"--quantize {quantize} requested" if quantize != "auto" else
                            "; ".join(tried + [f"{plan.label} fits"]))
             if mode == native_mode != "none" and quantize == "auto":
-                plan.reason += f" (the checkpoint's weights convert to {mode} without loss)"
+                plan.reason += (f" (the checkpoint's precision: {mode}, int8 for its {len(modes)} modules of more "
+                                "than 4 bits)" if modes else
+                                " (the checkpoint's precision but for its modules of more than 4 bits)" if layer_modes
+                                else f" (the checkpoint's precision: {mode})")
             return plan
         tried.append(f"{plan.label} needs {_fmt(plan.total)}")
 
-    mode = order[-1]
+    mode = order[-1][0]
     choose(mode, offload_layers or 0)
     if device.type == "cpu" or offload_layers is not None:
         raise RuntimeFailure(f"the model does not fit: {plan.label} needs {_fmt(plan.total)} (weights "

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import kernels
 from .errors import FormatError, UsageError
+from .formats.gguf import BLOCK_TYPES, QT, dequantize_blocks, k_scales, q4_k_values, q5_values
 from .model import Attention
 
 MODES = ("int8", "int4")
@@ -326,11 +327,11 @@ def quantize_tensor(w: torch.Tensor, mode: str, group_size: int | None = None) -
 # GGUF blocks -> quantized tensors, without going through float32
 
 
-def _blocks(raw: Any, block_bytes: int, shape: tuple[int, int]) -> torch.Tensor:
-    """Raw GGUF tensor data (numpy array or tensor, any dtype view) as uint8 [N * K/32, block_bytes]."""
+def _blocks(raw: Any, block_bytes: int, shape: tuple[int, int], block_elems: int = QK) -> torch.Tensor:
+    """Raw GGUF tensor data (numpy array or tensor, any dtype view) as uint8 [N * K/block_elems, block_bytes]."""
     n, k = shape
-    if k % QK:
-        raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
+    if k % block_elems:
+        raise FormatError(f"GGUF quantized tensor rows must hold whole {block_elems}-blocks, got in_features {k}")
     if isinstance(raw, torch.Tensor):
         t = raw.contiguous().view(torch.uint8)
     else:
@@ -340,9 +341,10 @@ def _blocks(raw: Any, block_bytes: int, shape: tuple[int, int]) -> torch.Tensor:
     t = t.reshape(-1)
     if t.storage_offset() % 4:  # the fills read whole words (a slice of a larger byte tensor may be misaligned)
         t = t.clone()
-    if t.numel() != n * (k // QK) * block_bytes:
-        raise FormatError(f"GGUF tensor data has {t.numel()} bytes, shape {shape} needs {n * (k // QK) * block_bytes}")
-    return t.reshape(n * (k // QK), block_bytes)
+    if t.numel() != n * (k // block_elems) * block_bytes:
+        raise FormatError(f"GGUF tensor data has {t.numel()} bytes, shape {shape} needs "
+                          f"{n * (k // block_elems) * block_bytes}")
+    return t.reshape(n * (k // block_elems), block_bytes)
 
 
 # The fills copy whole int16/int32 words: a block's fields start on even (Q4_1: 4-byte) offsets, and
@@ -382,16 +384,54 @@ def _fill_q4_1(b: torch.Tensor, out: QuantizedTensor) -> None:
     out.mins.view(-1).copy_(h[:, 1])
 
 
-# (GGUF type, mode) -> the block-for-block, lossless fill, and each type's block size in bytes.
+def _fill_q5_0(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q5_0 blocks b [N * K/32, 22] ([d: f16][5th bits: 4 bytes][16 bytes]; w = (q - 16) d) into int8
+    ``out``: values q - 16 in -16..15, the block's d as scale."""
+    out.qweight.view(-1, QK).copy_(q5_values(b, 2).view(torch.int8) - 16)
+    out.scales.view(-1).copy_(b[:, :2].contiguous().view(torch.int16)[:, 0])
+
+
+def _fill_q4_k(b: torch.Tensor, out: QuantizedTensor) -> None:
+    """Q4_K super-blocks b [N * K/256, 144] into int4 ``out`` (group size 32). Each 32-element sub-block is
+    ``w = (d * scale) q - dmin * min`` with 6-bit scale and min: its int4 scale and min are those products
+    rounded to float16, so a weight moves by at most 2^-11 of (q scale + |min|) (the 4-bit values are copied
+    as they are). Dequantizing and quantizing again re-rounded every weight, at ~10x the time."""
+    q = q4_k_values(b)  # [B, 8, 32], values 0..15
+    out.qweight.view(-1, 8, QK // 2).copy_(q[..., : QK // 2] | (q[..., QK // 2 :] << 4))
+    scales, mins = k_scales(b)
+    d = b[:, 0:2].contiguous().view(torch.float16).float()
+    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
+    scale, low = d * scales.float(), -(dmin * mins.float())
+    if not (torch.isfinite(scale.half()).all() and torch.isfinite(low.half()).all()):
+        raise FormatError("Q4_K scales too large to express in float16")
+    out.scales.view(-1, 8).copy_(_f16_bits(scale))
+    out.mins.view(-1, 8).copy_(_f16_bits(low))
+
+
+# (GGUF type, mode) -> the block-for-block fill (lossless, but for Q4_K's float16 products). The other block
+# types of BLOCK_TYPES convert through _requant_fill.
 _GGUF_FILL = {("Q8_0", "int8"): _fill_q8_0, ("Q4_0", "int4"): _fill_q4_0, ("Q4_0", "int8"): _fill_q4_0_int8,
-              ("Q4_1", "int4"): _fill_q4_1}
-_GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+              ("Q4_1", "int4"): _fill_q4_1, ("Q5_0", "int8"): _fill_q5_0, ("Q4_K", "int4"): _fill_q4_k}
+
+
+def _requant_fill(type_name: str, mode: str, group_size: int) -> Callable[[torch.Tensor, QuantizedTensor], None]:
+    """The fill for GGUF blocks without a block-for-block one into ``mode`` (Q6_K, Q5_K, Q5_1 -> int8, or
+    any type into the other mode): dequantized in torch, then quantized, a few MiB of rows at a time."""
+    def fill(b: torch.Tensor, out: QuantizedTensor) -> None:
+        w = dequantize_blocks(b, QT[type_name]).view(out.shape[0], -1)
+        q = quantize_tensor(w, mode, group_size)
+        for dst, src in zip((out.qweight, out.scales, out.mins), (q.qweight, q.scales, q.mins)):
+            if dst is not None:
+                dst.copy_(src)
+
+    return fill
 
 
 def _convert(type_name: str, mode: str, raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
     """GGUF blocks of type ``type_name`` as a new ``mode`` tensor [N, K], through their fill."""
     n, k = shape
-    b = _blocks(raw, _GGUF_BLOCK_BYTES[type_name], shape)
+    elems, nbytes = BLOCK_TYPES[type_name]
+    b = _blocks(raw, nbytes, shape, elems)
     out = _new(mode, n, k, torch.empty)
     _GGUF_FILL[type_name, mode](b, out)
     return out
@@ -420,7 +460,8 @@ def from_gguf_q4_1(raw: Any, shape: tuple[int, int]) -> QuantizedTensor:
 
 def from_gguf(raw: Any, qtype: Any, shape: tuple[int, int], mode: str, group_size: int | None = None) -> QuantizedTensor:
     """A GGUF tensor as ``mode``: block-for-block when its type maps onto ``mode`` with group size 32
-    (Q8_0 -> int8, Q4_0 -> int8 or int4, Q4_1 -> int4), else dequantized to float32 and quantized."""
+    (Q8_0 and Q5_0 -> int8, Q4_0 -> int8 or int4, Q4_1 and Q4_K -> int4), else dequantized to float32 and
+    quantized."""
     from .formats.gguf import dequantize
 
     _check_mode(mode)
@@ -442,52 +483,65 @@ def _direct(qtype: Any, mode: str, group_size: int | None) -> tuple[str, str] | 
     return key if group_size in (None, QK) and key in _GGUF_FILL else None
 
 
-def _new(mode: str, n: int, k: int, empty: Callable[..., torch.Tensor]) -> QuantizedTensor:
-    """An uninitialised ``mode`` tensor [N, K] with group size 32 (what the block conversions make), its
-    parts allocated by ``empty(shape, dtype)``."""
-    g = k // QK
+def _gguf_fill(qtype: Any, mode: str, group_size: int | None) -> Callable | None:
+    """How blocks of GGUF type ``qtype`` become ``mode`` piece by piece: the block-for-block fill, else
+    dequantized in torch and quantized with ``group_size`` (the block types of ``BLOCK_TYPES``); None for
+    the other types (float, and the rare ones only gguf.quants dequantizes)."""
+    key = _direct(qtype, mode, group_size)
+    if key is not None:
+        return _GGUF_FILL[key]
+    name = _type_name(qtype)
+    return _requant_fill(name, mode, group_size or QK) if name in BLOCK_TYPES else None
+
+
+def _new(mode: str, n: int, k: int, empty: Callable[..., torch.Tensor], group_size: int = QK) -> QuantizedTensor:
+    """An uninitialised ``mode`` tensor [N, K] (group size 32 unless given: what the block conversions
+    make), its parts allocated by ``empty(shape, dtype)``."""
+    g = k // group_size
     q = empty((n, k), dtype=torch.int8) if mode == "int8" else empty((n, k // 2), dtype=torch.uint8)
     mins = None if mode == "int8" else empty((n, g), dtype=torch.int16)
-    return QuantizedTensor(mode, q, empty((n, g), dtype=torch.int16), mins, QK)
+    return QuantizedTensor(mode, q, empty((n, g), dtype=torch.int16), mins, group_size)
 
 
-def _empty(mode: str, n: int, k: int) -> QuantizedTensor:
+def _empty(mode: str, n: int, k: int, group_size: int = QK) -> QuantizedTensor:
     """:func:`_new` for a weight: in the loading model's ``memory.weight_arena`` if there is one, else in
     ``memory.huge_empty`` mappings."""
     from .memory import weight_empty
 
-    return _new(mode, n, k, weight_empty)
+    return _new(mode, n, k, weight_empty, group_size)
 
 
 def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | None = None,
                    out: QuantizedTensor | None = None) -> QuantizedTensor:
-    """A tensor of a GGUF file (``formats.gguf.TensorInfo``) as ``mode``, like :func:`from_gguf`. A
-    block-for-block conversion reads the file a few MiB of rows at a time into one buffer and converts
-    each piece straight into its rows of the result (``out``, rows of a fused layer, when given; else
-    allocated once): reading whole tensors held their raw bytes beside the converted copy, and converting
-    each piece into tensors of its own before copying those raised the default model's loading peak by
-    15-30 MiB of heap that only ``malloc_trim`` gave back."""
+    """A tensor of a GGUF file (``formats.gguf.TensorInfo``) as ``mode``, like :func:`from_gguf`. Quantized
+    blocks are read a few MiB of rows at a time into one buffer and each piece is converted straight into
+    its rows of the result (``out``, rows of a fused layer, when given; else allocated once): reading
+    whole tensors held their raw bytes beside the converted copy (and a dequantized tensor its float32
+    copy), and converting each piece into tensors of its own before copying those raised the default
+    model's loading peak by 15-30 MiB of heap that only ``malloc_trim`` gave back."""
     from .memory import GGUF_READ_BYTES, read_buffer
 
-    key = _direct(t.tensor_type, mode, group_size)
-    if key is None:
+    fill = _gguf_fill(t.tensor_type, mode, group_size)
+    if fill is None:
         return from_gguf(t.data, t.tensor_type, shape, mode, group_size)
     n, k = shape
-    if k % QK:
-        raise FormatError(f"GGUF quantized tensor rows must hold whole 32-blocks, got in_features {k}")
-    block_bytes = _GGUF_BLOCK_BYTES[key[0]]
-    row_bytes = k // QK * block_bytes
+    elems, block_bytes = BLOCK_TYPES[_type_name(t.tensor_type)]
+    if k % elems:
+        raise FormatError(f"GGUF quantized tensor rows must hold whole {elems}-blocks, got in_features {k}")
+    row_bytes = k // elems * block_bytes
     if row_bytes * n != t.nbytes:
         raise FormatError(f"GGUF tensor data has {t.nbytes} bytes, shape {shape} needs {row_bytes * n}")
     step = max(1, min(n, GGUF_READ_BYTES // row_bytes))
+    if _direct(t.tensor_type, mode, group_size) is None:  # requantized: a piece's float32 copy within the limit too
+        step = max(1, min(step, GGUF_READ_BYTES // (4 * k)))
     if out is None:
-        out = _empty(mode, n, k)
+        out = _empty(mode, n, k, group_size or QK)
     buf = read_buffer(step * row_bytes)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         piece = buf[: (r1 - r0) * row_bytes]
         t.read_into(r0 * row_bytes, piece.numpy())
-        _GGUF_FILL[key](piece.view(-1, block_bytes), out.map(lambda f: f[r0:r1]))
+        fill(piece.view(-1, block_bytes), out.map(lambda f: f[r0:r1]))
     return out
 
 
@@ -500,15 +554,17 @@ def _torch_shape(shape: Any) -> tuple[int, ...]:
 
 
 def _fused_from_gguf_file(files: list[Any], mode: str, group_size: int | None) -> QuantizedTensor | None:
-    """The parts of a fused layer (GGUF file tensors of one width that all convert block for block), each
-    converted straight into its rows of the result; None where that does not apply. Concatenating the
-    converted parts afterwards copied every byte of the model once more (~5 s of a 7B load)."""
-    if not all(t is not None and hasattr(t, "read") and _direct(t.tensor_type, mode, group_size) for t in files):
+    """The parts of a fused layer (GGUF file tensors of one width that all convert piece by piece, see
+    :func:`from_gguf_file`), each converted straight into its rows of the result; None where that does not
+    apply. Concatenating the converted parts afterwards copied every byte of the model once more (~5 s of
+    a 7B load)."""
+    if not all(t is not None and hasattr(t, "read") and _gguf_fill(t.tensor_type, mode, group_size)
+               for t in files):
         return None
     shapes = [_torch_shape(t.shape) for t in files]
     if len({k for _, k in shapes}) != 1:
         return None
-    qt = _empty(mode, sum(n for n, _ in shapes), shapes[0][1])
+    qt = _empty(mode, sum(n for n, _ in shapes), shapes[0][1], group_size or QK)
     r0 = 0
     for t, (n, k) in zip(files, shapes):
         from_gguf_file(t, (n, k), mode, group_size, qt.map(lambda f: f[r0 : r0 + n]))
@@ -856,13 +912,15 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
 
 def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                           group_size: int | None = None, output_mode: str | None = None,
-                          max_seq_len: int | None = None):
+                          max_seq_len: int | None = None, layer_modes: dict[str, str] | None = None):
     """Like ``generation.build_model``, with every linear layer quantized straight from the checkpoint.
 
-    One checkpoint tensor is materialised at a time; GGUF Q8_0/Q4_0/Q4_1 tensors are converted
-    block-for-block when they match ``mode`` (int8 / int4, group size 32). Norms stay in ``dtype``. The
-    embedding is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied). The rotary table
-    covers ``max_seq_len`` positions (default: the model's context).
+    One checkpoint tensor is materialised at a time; GGUF blocks are converted a few MiB at a time, block
+    for block where the type maps onto the mode (Q8_0, Q5_0 -> int8; Q4_0, Q4_1, Q4_K -> int4; group size
+    32). ``layer_modes`` (module name -> mode) overrides ``mode`` for some modules (a Q4_K_M file's Q6_K
+    ones kept as int8; ``memory.native_quantization`` finds them). Norms stay in ``dtype``. The embedding
+    is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied). The rotary table covers
+    ``max_seq_len`` positions (default: the model's context).
     """
     from .memory import weight_arena
 
@@ -872,11 +930,12 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
     device = torch.device(device)
     # On a CPU the weights are made in place, side by side in 2 MiB pages (see memory.WeightArena).
     with weight_arena(device):
-        return _build_quantized_model(ckpt, mode, device, dtype, group_size, output_mode, max_seq_len)
+        return _build_quantized_model(ckpt, mode, device, dtype, group_size, output_mode, max_seq_len,
+                                      layer_modes or {})
 
 
 def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: torch.dtype, group_size: int | None,
-                           output_mode: str, max_seq_len: int | None) -> nn.Module:
+                           output_mode: str, max_seq_len: int | None, layer_modes: dict[str, str]) -> nn.Module:
     from .generation import load_parameters, meta_model
 
     out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
@@ -884,7 +943,10 @@ def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: to
     model = meta_model(args)
     for name in linear_names(model):
         lin = model.get_submodule(name)
-        m, g = (output_mode, out_gs) if name == "output" else (mode, group_size)
+        m, g = (output_mode, out_gs) if name == "output" else (layer_modes.get(name, mode), group_size)
+        if m != mode and name != "output":
+            _check_mode(m)
+            g = None  # group_size is for `mode`'s layers
         wname = f"{name}.weight"
         if name == "output" and args.tie_embeddings:
             wname = "tok_embeddings.weight"

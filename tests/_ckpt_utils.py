@@ -267,6 +267,27 @@ def write_llama2c(path: Path, args: ModelArgs, weights: dict[str, torch.Tensor],
 # ---- running -------------------------------------------------------------------------------------------
 
 
+# Where each GGUF block type keeps its float16 scale(s): (offset, offset...) in the block.
+_GGUF_F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+                    "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,)}
+
+
+def random_gguf_blocks(qtype, shape: tuple[int, int], rng: np.random.Generator, scale: float = 0.002) -> np.ndarray:
+    """Random GGUF blocks of ``qtype`` (a gguf.GGMLQuantizationType) for a [N, K] weight, as the uint8
+    [N, bytes per row] array GGUFWriter.add_tensor takes with raw_dtype: random bits, with the block's
+    float16 scales set to |N(0, scale)| so the weights are finite and small (gguf.quants has no quantizer
+    for K-quants)."""
+    import gguf
+
+    elems, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    n, k = shape
+    raw = rng.integers(0, 256, (n * k // elems, nbytes), dtype=np.uint8)
+    for off in _GGUF_F16_FIELDS[qtype.name]:
+        d = np.abs(rng.standard_normal(len(raw)) * scale).astype(np.float16)
+        raw[:, off : off + 2] = d.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
 def logits(ckpt, tokens: list[int]) -> torch.Tensor:
     """Float32 logits [len(tokens), vocab] of a full forward pass over ``tokens``."""
     from llamarun.generation import build_model

@@ -14,12 +14,16 @@ from _ckpt_utils import run_cli_in_process
 from conftest import REPO, assert_one_line_error, run_cli
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers: int = 1) -> Path:
-    """A tiny random LLaMA GGUF with a byte-level gpt2 vocabulary (256 bytes + one merge)."""
+def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers: int = 1, dim: int = 32,
+                    hidden: int = 64, raw_types: dict | None = None) -> Path:
+    """A tiny random LLaMA GGUF with a byte-level gpt2 vocabulary (256 bytes + one merge). ``raw_types``
+    (GGUF tensor name -> type) gives tensors random blocks of a type gguf.quants cannot quantize to."""
     import gguf
     from llamarun.tokenizer import bytes_to_unicode
 
-    dim, hidden, vocab = 32, 64, 257
+    from _ckpt_utils import random_gguf_blocks
+
+    vocab = 257
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(64)
     w.add_embedding_length(dim)
@@ -37,7 +41,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers:
 
     def tensor(name, shape):
         a = rng.standard_normal(shape).astype(np.float32)
-        if weight_type == gguf.GGMLQuantizationType.Q8_1:  # no quantizer for it: raw zero blocks will do
+        if raw_types and name in raw_types:
+            w.add_tensor(name, random_gguf_blocks(raw_types[name], shape, rng), raw_dtype=raw_types[name])
+        elif weight_type == gguf.GGMLQuantizationType.Q8_1:  # no quantizer for it: raw zero blocks will do
             raw = np.zeros(gguf.quants.quant_shape_to_byte_shape(shape, weight_type), dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=weight_type)
         elif weight_type is not None and len(shape) == 2:
@@ -48,8 +54,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers:
     tensor("token_embd.weight", (vocab, dim))
     tensor("output_norm.weight", (dim,))
     for i in range(n_layers):
-        for n, shape in [("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (dim, dim)), ("attn_k", (16, dim)),
-                         ("attn_v", (16, dim)), ("attn_output", (dim, dim)), ("ffn_gate", (hidden, dim)),
+        for n, shape in [("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (dim, dim)), ("attn_k", (dim // 2, dim)),
+                         ("attn_v", (dim // 2, dim)), ("attn_output", (dim, dim)), ("ffn_gate", (hidden, dim)),
                          ("ffn_up", (hidden, dim)), ("ffn_down", (dim, hidden))]:
             tensor(f"blk.{i}.{n}.weight", shape)
     w.write_header_to_file()
@@ -360,24 +366,29 @@ def test_quantize_then_generate(tmp_path, capsys):
     assert plan.returncode == 0 and json.loads(plan.stdout)["choice"] == "int4", plan.stderr
 
 
-def test_gguf_types_outside_the_common_six_go_through_gguf_quants(tmp_path):
-    """Q5_0 (no torch path here) is read with the gguf package's tables and dequantizer, and gives what
-    gguf.quants gives; a file of only the common types (SmolLM2's Q4_1/Q8_0/F32) never imports gguf."""
+def test_rare_gguf_types_go_through_gguf_quants(tmp_path):
+    """Q3_K (no torch path here) is read with the gguf package's tables and dequantizer, and gives what
+    gguf.quants gives; a file of only the types done in torch (here SmolLM2's Q4_1/Q8_0/F32, and Q4_K/Q6_K)
+    never imports gguf."""
     import gguf
 
     from llamarun.formats import load_checkpoint
 
-    path = write_tiny_gguf(tmp_path / "q5.gguf", weight_type=gguf.GGMLQuantizationType.Q5_0)
+    T = gguf.GGMLQuantizationType
+    path = write_tiny_gguf(tmp_path / "q3.gguf", dim=256, hidden=512, raw_types={"blk.0.attn_q.weight": T.Q3_K})
     ckpt = load_checkpoint(path)
-    assert ckpt.tensor_types["layers.0.attention.wq.weight"] == "Q5_0"
+    assert ckpt.tensor_types["layers.0.attention.wq.weight"] == "Q3_K"
     raw = ckpt.native["layers.0.attention.wq.weight"]
-    want = gguf.quants.dequantize(raw.data, gguf.GGMLQuantizationType.Q5_0).reshape(32, 32)
+    want = gguf.quants.dequantize(raw.data, T.Q3_K).reshape(256, 256)
     np.testing.assert_array_equal(ckpt.tensors["layers.0.attention.wq.weight"].numpy(), want)
+    kq = write_tiny_gguf(tmp_path / "k.gguf", dim=256, hidden=512,
+                         raw_types={"blk.0.attn_q.weight": T.Q4_K, "blk.0.ffn_down.weight": T.Q6_K})
     code = ("import sys; from llamarun.formats import load_checkpoint; from llamarun.generation import default_model_path;"
             "c = load_checkpoint(default_model_path()); c.tensors['layers.0.attention.wq.weight'];"
-            "print(sorted(set(c.tensor_types.values())), 'gguf' in sys.modules)")
+            f"k = load_checkpoint({str(kq)!r}); k.tensors['layers.0.attention.wq.weight'];"
+            "print(sorted(set(c.tensor_types.values())), sorted(set(k.tensor_types.values())), 'gguf' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["['F32',", "'Q4_1',", "'Q8_0']", "False"]
+    assert out.split() == ["['F32',", "'Q4_1',", "'Q8_0']", "['F32',", "'Q4_K',", "'Q6_K']", "False"]
 
 
 def test_collector_paused_until_loaded_then_frozen_and_restored(tmp_path, monkeypatch, capsys):

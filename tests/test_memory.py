@@ -81,7 +81,7 @@ def test_plan_errors_are_one_line(capsys):
 def test_default_model_plan_prefers_lossless_int4(capsys):
     proc = run_cli_in_process(["plan", "--json"], capsys)
     plan = json.loads(proc.stdout)
-    assert plan["choice"] == "int4" and "without loss" in plan["reason"]
+    assert plan["choice"] == "int4" and "the checkpoint's precision: int4" in plan["reason"]
     assert plan["weights"]["int4"] < plan["weights"]["int8"] < plan["weights"]["float32"]
 
 

@@ -259,6 +259,126 @@ def test_synthetic_blocks(qtype):
         assert (other.dequantize() - ref).abs().max() <= 0.15 * ref.abs().max()
 
 
+BLOCK_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_torch_dequantizers_match_gguf_quants(qtype):
+    """Every block type dequantized in torch gives gguf.quants' floats bit for bit (random bits with
+    finite scales: every field's every value is exercised)."""
+    import gguf
+
+    from _ckpt_utils import random_gguf_blocks
+
+    qt_enum = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = random_gguf_blocks(qt_enum, (8, 512), np.random.default_rng(1))
+    want = torch.from_numpy(gguf.quants.dequantize(raw, qt_enum))
+    assert torch.equal(gguf_dequantize(raw.reshape(-1), qt_enum, (8, 512)), want)
+
+
+@pytest.mark.parametrize("qtype,mode", [("Q4_K", "int4"), ("Q5_0", "int8"), ("Q6_K", "int8"), ("Q5_K", "int8"),
+                                        ("Q5_1", "int8"), ("Q4_K", "int8"), ("Q6_K", "int4")])
+def test_k_quant_and_q5_blocks_convert(qtype, mode, tmp_path):
+    """Q4_K -> int4 keeps the 4-bit values and rounds only the sub-block scale and min products to float16;
+    Q5_0 -> int8 is exact; the other types become int8 (or int4) with group size 32 within half a step of
+    the new grid. A file's tensor read piece by piece converts to the same bits as the whole array."""
+    import gguf
+
+    from _ckpt_utils import random_gguf_blocks
+    from llamarun.formats.gguf import q4_k_values
+
+    qt_enum = getattr(gguf.GGMLQuantizationType, qtype)
+    n, k = 48, 512
+    raw = random_gguf_blocks(qt_enum, (n, k), np.random.default_rng(2))
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qt_enum))
+    qt = Q.from_gguf(raw.reshape(-1), qt_enum, (n, k), mode)
+    assert qt.mode == mode and qt.group_size == 32
+    err = (qt.dequantize() - ref).abs().view(n, -1, 32)
+    group_max = ref.abs().view(n, -1, 32).amax(-1, keepdim=True)
+    if (qtype, mode) == ("Q4_K", "int4"):
+        assert torch.equal(Q._unpack_int4(qt.qweight).view(-1, 8, 32), q4_k_values(torch.from_numpy(raw.reshape(-1, 144))))
+        assert (err <= group_max * 2.0**-9).all()
+    elif (qtype, mode) == ("Q5_0", "int8"):
+        assert torch.equal(qt.dequantize(), ref)
+    elif mode == "int8":  # (+ 1e-5: groups of tiny weights get float16 scales below its normal range)
+        assert (err <= group_max * (0.5 / 127 + 2.0**-10) + 1e-5).all()
+    else:  # 6 bits -> 4: lossy, within a step of the new grid
+        rng = ref.view(n, -1, 32)
+        assert (err <= (rng.amax(-1, keepdim=True) - rng.amin(-1, keepdim=True)) / 15 + 1e-5).all()
+
+    import gguf as G
+
+    path = tmp_path / "one.gguf"
+    w = G.GGUFWriter(str(path), "llama")
+    w.add_tensor("t.weight", raw, raw_dtype=qt_enum)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    info = open_reader(path).tensors[0]
+    from llamarun import memory
+
+    old = memory.GGUF_READ_BYTES
+    memory.GGUF_READ_BYTES = 4096  # many pieces, a few rows each
+    try:
+        piecewise = Q.from_gguf_file(info, (n, k), mode, 32)
+    finally:
+        memory.GGUF_READ_BYTES = old
+    for a, b in zip((piecewise.qweight, piecewise.scales, piecewise.mins), (qt.qweight, qt.scales, qt.mins)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_q4_k_m_style_file_keeps_its_q6_k_modules_as_int8(tmp_path, capsys):
+    """A file like llama.cpp's Q4_K_M (Q4_K, with Q6_K for attn_v, one ffn_down and the embedding) loads as
+    int4 with int8 for every module that has a Q6_K part (the fused wqkv included), and computes what the
+    file's dequantized weights compute; when that does not fit, the plan makes those modules int4 too."""
+    import gguf
+
+    from llamarun.formats import load_checkpoint
+    from llamarun.generation import Llama
+    from llamarun.memory import make_plan, native_quantization
+    from test_cli import write_tiny_gguf
+
+    T = gguf.GGMLQuantizationType
+    raw = {f"blk.{i}.{n}.weight": T.Q4_K for i in range(2)
+           for n in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    raw.update({"blk.0.attn_v.weight": T.Q6_K, "blk.1.attn_v.weight": T.Q6_K, "blk.0.ffn_down.weight": T.Q6_K,
+                "token_embd.weight": T.Q6_K})
+    path = write_tiny_gguf(tmp_path / "m.gguf", n_layers=2, dim=256, hidden=512, raw_types=raw)
+    mixed = {"layers.0.attention.wqkv": "int8", "layers.1.attention.wqkv": "int8", "layers.0.feed_forward.w2": "int8"}
+
+    llm = Llama.load(path, max_seq_len=32)
+    assert llm.plan.label == "int4+int8" and llm.plan.layer_modes == mixed
+    assert "int8 for its 3 modules of more than 4 bits" in llm.plan.reason
+    modes = {name: m.mode for name, m in llm.model.named_modules() if isinstance(m, Q.QuantizedLinear)}
+    assert modes == {**{f"layers.{i}.{n}": "int4" for i in range(2) for n in
+                        ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")},
+                     **mixed, "output": "int8"}
+    ref = Llama.load(path, quantize="none", dtype="float32", max_seq_len=32)  # the file dequantized
+    for name, m in llm.model.named_modules():
+        if isinstance(m, Q.QuantizedLinear):
+            w = ref.model.get_submodule(name).weight
+            err = (m.dequantize() - w).abs().view(w.shape[0], -1, 32)
+            group_max = w.abs().view(w.shape[0], -1, 32).amax(-1, keepdim=True)
+            bound = 2.0**-9 if modes[name] == "int4" else 0.5 / 127 + 2.0**-10  # Q4_K as it is; Q6_K rounded
+            assert (err <= group_max * bound + 1e-5).all(), name
+    tokens = torch.tensor([[5, 70, 200, 31, 99, 128, 7, 250]])
+    with torch.inference_mode():  # (int8 activations in the kernels' batch products: close, not exact)
+        got, want = llm.model(tokens), ref.model(tokens)
+    assert ((got - want).norm(dim=-1) <= 0.1 * want.norm(dim=-1)).all()
+
+    ckpt = load_checkpoint(path)
+    native = native_quantization(ckpt)
+    assert native["native_mode"] == "int4" and native["layer_modes"] == mixed
+    cpu = torch.device("cpu")
+    full = make_plan(ckpt.args, cpu, torch.float32, max_seq_len=32, memory=1 << 40, **native)
+    uniform = make_plan(ckpt.args, cpu, torch.float32, max_seq_len=32, memory=1 << 40, quantize="int4")
+    assert full.weights["int4"] < full.weights["int4+int8"] < full.weights["int8"]
+    assert full.weights_on_device - uniform.weights_on_device == full.weights["int4+int8"] - full.weights["int4"]
+    tight = make_plan(ckpt.args, cpu, torch.float32, max_seq_len=32, memory=full.total - 1, **native)
+    assert tight.label == "int4" and tight.layer_modes == {} and tight.total <= full.total - 1
+    assert "int4+int8 needs" in tight.reason and "but for its modules of more than 4 bits" in tight.reason
+    plan = json.loads(run_cli_in_process(["plan", str(path), "--json"], capsys).stdout)
+    assert plan["choice"] == "int4+int8" and plan["layer_modes"] == mixed
+
+
 def _q4_1_blocks(w: np.ndarray) -> np.ndarray:
     """GGUF Q4_1 bytes as llama.cpp's quantize_row_q4_1_ref makes them."""
     b = w.reshape(-1, 32).astype(np.float32)

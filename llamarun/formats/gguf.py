@@ -1,11 +1,13 @@
 """GGUF checkpoints (llama.cpp's format), read with the ``gguf`` package's tables and dequantizers.
 
 GGUF stores Meta's rotary layout for the q/k projections, so no permutation is needed here. Tensors are
-read and dequantized one at a time on access: Q8_0, Q4_0 and Q4_1 in torch (fast), every other type
-through ``gguf.quants``.
+read and dequantized one at a time on access: the types of the files people download (F32, F16, BF16,
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants Q4_K, Q5_K, Q6_K that make up Q4_K_M / Q5_K_M / Q6_K
+files) in torch, bit for bit what ``gguf.quants`` gives, on any slice of blocks (``quantize`` converts
+them a few MiB at a time); the rarer ones (Q2_K, Q3_K, IQ*, TQ*) through ``gguf.quants``.
 
-The ``gguf`` package itself is imported only for a file with a tensor type outside the common six below:
-importing it costs ~0.15 s (it pulls in ``yaml`` for its model-card code), a quarter of loading SmolLM2.
+The ``gguf`` package itself is imported only for a file with one of those rarer types: importing it costs
+~0.15 s (it pulls in ``yaml`` for its model-card code), a quarter of loading SmolLM2.
 """
 
 from __future__ import annotations
@@ -34,12 +36,19 @@ class QT(enum.IntEnum):
     F16 = 1
     Q4_0 = 2
     Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
     Q8_0 = 8
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
     BF16 = 30
 
 
 # (elements, bytes) per block, as gguf.GGML_QUANT_SIZES has them.
-_SIZES = {QT.F32: (1, 4), QT.F16: (1, 2), QT.Q4_0: (32, 18), QT.Q4_1: (32, 20), QT.Q8_0: (32, 34), QT.BF16: (1, 2)}
+_SIZES = {QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2), QT.Q4_0: (32, 18), QT.Q4_1: (32, 20),
+          QT.Q5_0: (32, 22), QT.Q5_1: (32, 24), QT.Q8_0: (32, 34),
+          QT.Q4_K: (256, 144), QT.Q5_K: (256, 176), QT.Q6_K: (256, 210)}
 GGUF_DEFAULT_ALIGNMENT = 32
 
 
@@ -259,6 +268,109 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] -> [..., 2, n]: the low nibbles, then the high ones."""
+    return torch.stack([qs & 0x0F, qs >> 4], dim=-2)
+
+
+def _bits(b: torch.Tensor, width: int) -> torch.Tensor:
+    """uint8 [..., n] -> [..., 8 // width, n]: fields of ``width`` bits, lowest first."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+    return (b.unsqueeze(-2) >> shifts[:, None]) & ((1 << width) - 1)
+
+
+def k_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 6-bit scales and mins of Q4_K/Q5_K super-blocks: raw bytes 4..16 of blocks [B, bytes] -> two
+    uint8 [B, 8] (one per 32-element sub-block). Bytes 0-3 hold scales 0-3 (and bits 4-5 of scales 4-7 in
+    their top two bits), bytes 4-7 the mins likewise, bytes 8-11 the low 4 bits of scales/mins 4-7."""
+    sc, mn, lo = raw[:, 4:8], raw[:, 8:12], raw[:, 12:16]
+    scales = torch.cat([sc & 63, (lo & 0x0F) | ((sc >> 2) & 0x30)], dim=1)
+    mins = torch.cat([mn & 63, (lo >> 4) | ((mn >> 2) & 0x30)], dim=1)
+    return scales, mins
+
+
+def _q_k_sub(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K values q [B, 8, 32] -> floats (d * scale) * q - dmin * min per sub-block, as ggml does."""
+    scales, mins = k_scales(raw)
+    d = (_f16_column(raw, 0) * scales.float())[..., None]
+    m = (_f16_column(raw, 2) * mins.float())[..., None]
+    return d * q.float() - m
+
+
+def _dq_q8_0(raw: torch.Tensor) -> torch.Tensor:  # [d: f16][32 x int8]
+    return raw[:, 2:].view(torch.int8).float() * _f16_column(raw, 0)
+
+
+def _dq_q4_0(raw: torch.Tensor) -> torch.Tensor:  # [d: f16][16 bytes: elements 0..15 low nibbles, 16..31 high]
+    return (_nibbles(raw[:, 2:]).flatten(1).float() - 8.0) * _f16_column(raw, 0)
+
+
+def _dq_q4_1(raw: torch.Tensor) -> torch.Tensor:  # [d][m][16 bytes], w = q d + m
+    return _nibbles(raw[:, 4:]).flatten(1).float() * _f16_column(raw, 0) + _f16_column(raw, 2)
+
+
+def q5_values(raw: torch.Tensor, off: int) -> torch.Tensor:
+    """Q5_0/Q5_1 5-bit values 0..31 [B, 32]: the fifth bits in 4 bytes at ``off`` (element e is bit e),
+    the low four in 16 bytes after them, nibble-ordered like Q4_0."""
+    high = _bits(raw[:, off : off + 4], 1).transpose(1, 2).flatten(1)  # byte e // 8, bit e % 8
+    return _nibbles(raw[:, off + 4 :]).flatten(1) | (high << 4)
+
+
+def _dq_q5_0(raw: torch.Tensor) -> torch.Tensor:  # [d][qh: 4][qs: 16], w = (q - 16) d
+    return (q5_values(raw, 2).float() - 16.0) * _f16_column(raw, 0)
+
+
+def _dq_q5_1(raw: torch.Tensor) -> torch.Tensor:  # [d][m][qh: 4][qs: 16], w = q d + m
+    return q5_values(raw, 4).float() * _f16_column(raw, 0) + _f16_column(raw, 2)
+
+
+def q4_k_values(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_K's 4-bit values [B, 8, 32]: 4 runs of 32 bytes after the scales, each run's low nibbles one
+    sub-block and its high nibbles the next."""
+    return _nibbles(raw[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+
+
+def _dq_q4_k(raw: torch.Tensor) -> torch.Tensor:  # [d][dmin][scales: 12][qs: 128]
+    return _q_k_sub(raw, q4_k_values(raw)).flatten(1)
+
+
+def _dq_q5_k(raw: torch.Tensor) -> torch.Tensor:  # [d][dmin][scales: 12][qh: 32][qs: 128]
+    low = _nibbles(raw[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    high = _bits(raw[:, 16:48], 1)  # [B, 8, 32]: bit i of byte e is sub-block i's element e
+    return _q_k_sub(raw, low | (high << 4)).flatten(1)
+
+
+def q6_k_values(raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K's signed 6-bit values (q - 32) [B, 16, 16], one row per 16-element sub-block. Each half of
+    128 elements: 64 low-nibble bytes (elements 0..63 low nibbles, 64..127 high) and 32 bytes of 2-bit
+    high parts (four fields per byte, element 32 f + e in field f of byte e)."""
+    low = _nibbles(raw[:, :128].reshape(-1, 2, 64)).reshape(-1, 2, 128)
+    high = _bits(raw[:, 128:192].reshape(-1, 2, 32), 2).reshape(-1, 2, 128)
+    return ((low | (high << 4)).view(torch.int8) - 32).reshape(-1, 16, 16)
+
+
+def _dq_q6_k(raw: torch.Tensor) -> torch.Tensor:  # [ql: 128][qh: 64][scales: 16 x int8][d]
+    d = (_f16_column(raw, 208) * raw[:, 192:208].view(torch.int8).float())[..., None]
+    return (d * q6_k_values(raw).float()).flatten(1)
+
+
+# Block dequantizers in torch: uint8 blocks [B, bytes] -> float32 [B, elements], bit for bit what ggml
+# (and gguf.quants) compute.
+_DEQUANT = {QT.Q8_0: _dq_q8_0, QT.Q4_0: _dq_q4_0, QT.Q4_1: _dq_q4_1, QT.Q5_0: _dq_q5_0, QT.Q5_1: _dq_q5_1,
+            QT.Q4_K: _dq_q4_k, QT.Q5_K: _dq_q5_k, QT.Q6_K: _dq_q6_k}
+
+
+# The quantized types dequantized in torch, by name -> (elements, bytes) per block.
+BLOCK_TYPES = {qt.name: _SIZES[qt] for qt in _DEQUANT}
+
+
+def dequantize_blocks(raw: torch.Tensor, qtype: enum.IntEnum) -> torch.Tensor | None:
+    """Quantized blocks uint8 [B, bytes] of type ``qtype`` as float32 [B, elements] in torch; None for a
+    type without a torch dequantizer here (``dequantize`` then uses gguf.quants)."""
+    fn = _DEQUANT.get(qtype)
+    return None if fn is None else fn(raw)
+
+
 def dequantize(data: np.ndarray, qtype: enum.IntEnum, shape: tuple[int, ...]) -> torch.Tensor:
     """One GGUF tensor's raw bytes to a float tensor of ``shape`` (torch order, [out, in]).
 
@@ -270,18 +382,8 @@ def dequantize(data: np.ndarray, qtype: enum.IntEnum, shape: tuple[int, ...]) ->
         return _tensor(data.view(np.float16)).reshape(shape)
     if qtype == QT.BF16:
         return _tensor(data.view(np.int16)).view(torch.bfloat16).reshape(shape)
-    if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
-        raw = _tensor(data).reshape(-1, _SIZES[qtype][1])
-        if qtype == QT.Q8_0:  # [d: f16][32 x int8]
-            q = raw[:, 2:].view(torch.int8).float()
-            out = q * _f16_column(raw, 0)
-        else:  # [d: f16]([m: f16])[16 bytes: low nibbles = elements 0..15, high nibbles = 16..31]
-            off = 2 if qtype == QT.Q4_0 else 4
-            qs = raw[:, off:]
-            q = torch.cat([qs & 0x0F, qs >> 4], dim=1).float()
-            d = _f16_column(raw, 0)
-            out = (q - 8.0) * d if qtype == QT.Q4_0 else q * d + _f16_column(raw, 2)
-        return out.reshape(shape)
+    if qtype in _DEQUANT:
+        return _DEQUANT[qtype](_tensor(data).reshape(-1, _SIZES[qtype][1])).reshape(shape)
     gguf = _gguf()
     return torch.from_numpy(gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(qtype))).reshape(shape)
 
