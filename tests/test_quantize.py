@@ -325,6 +325,36 @@ def test_k_quant_and_q5_blocks_convert(qtype, mode, tmp_path):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no compiled kernels")
+@pytest.mark.parametrize("qtype,mode", [(t, "int8") for t in Q._KERNEL_FILLS["int8"]] +
+                         [(t, "int4") for t in Q._KERNEL_FILLS["int4"]])
+def test_compiled_gguf_conversions_give_the_torch_fills_bits(qtype, mode):
+    """kernels/gguf.cpp converts GGUF blocks into int8 / int4 with exactly the bits of quantize.py's torch
+    fills (dequantize in torch + quantize_int8, or _fill_q4_k), on random blocks with groups of zeros,
+    of tiny weights (float16 scales under its normal range) and of a NaN."""
+    import gguf
+
+    from _ckpt_utils import random_gguf_blocks
+
+    qt_enum = getattr(gguf.GGMLQuantizationType, qtype)
+    elems, nbytes = gguf.GGML_QUANT_SIZES[qt_enum]
+    n, k = 40, 1024
+    raw = torch.from_numpy(random_gguf_blocks(qt_enum, (n, k), np.random.default_rng(3)).reshape(-1, nbytes))
+    raw[0] = 0  # a block of zeros (d = 0)
+    tiny = torch.tensor([1e-6], dtype=torch.float16).view(torch.uint8)
+    f16_at = {"Q6_K": (208,)}.get(qtype, (0, 2) if qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else (0,))
+    for off in f16_at:
+        raw[1, off : off + 2] = tiny
+    if mode == "int8":
+        raw[2, f16_at[0] : f16_at[0] + 2] = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8)
+    compiled, reference = Q._new(mode, n, k, torch.empty), Q._new(mode, n, k, torch.empty)
+    Q._kernel_fill(qtype, mode, 32)(raw, compiled)
+    torch_fill = Q._GGUF_FILL.get((qtype, mode)) or Q._requant_fill(qtype, mode, 32)
+    torch_fill(raw, reference)
+    for a, b in zip((compiled.qweight, compiled.scales, compiled.mins), (reference.qweight, reference.scales, reference.mins)):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_q4_k_m_style_file_keeps_its_q6_k_modules_as_int8(tmp_path, capsys):
     """A file like llama.cpp's Q4_K_M (Q4_K, with Q6_K for attn_v, one ffn_down and the embedding) loads as
     int4 with int8 for every module that has a Q6_K part (the fused wqkv included), and computes what the

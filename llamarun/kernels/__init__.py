@@ -1,7 +1,8 @@
 """Fast CPU kernels for weight-only quantized linear layers (int8 and int4), built on first use.
 
-The C++ sources (``qlinear.cpp``, ``fused.cpp`` beside this file) are compiled once per machine with the system C++
-compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers, ``-O3 -march=native``, into
+The C++ sources (``qlinear.cpp``, ``fused.cpp``, ``layers.cpp``, ``gguf.cpp`` beside this file) are compiled
+once per machine with the system C++ compiler (``$CXX``, else ``c++``/``g++``) against this torch's headers,
+``-O3 -march=native``, into
 ``~/.cache/llamarun/kernels/<key>/`` (``$LLAMARUN_CACHE`` overrides the root), where ``key`` hashes the
 source, the flags, the torch version, the compiler and the CPU's feature flags. Builds happen under a file lock, so
 concurrent processes wait for one compiler run instead of racing; the library is written to a temporary
@@ -35,6 +36,9 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
   (``layers.cpp``): a whole decode step's layer stack in one call, chaining the ops above with no Python
   between them (see :class:`llamarun.fastpath.FastTransformer`); with the head's weights appended it also
   runs the final norm and the output layer and returns the logits.
+- ``gguf_to_int8(raw, type, qweight, scales)`` / ``gguf_to_int4(raw, type, qweight, scales, mins)``
+  (``gguf.cpp``): GGUF blocks (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K; Q4_K for int4) written into rows of a weight
+  being loaded, the same bits as :mod:`llamarun.quantize`'s torch conversions.
 
 Threads: a small pool of helper threads with dynamic chunking (not OpenMP): the caller never waits for a
 helper that has not started, so a loaded machine costs single-thread speed rather than OpenMP barrier
@@ -54,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("qlinear.cpp", "fused.cpp", "layers.cpp")  # compiled together into one library
+_SOURCES = ("qlinear.cpp", "fused.cpp", "layers.cpp", "gguf.cpp")  # compiled together into one library
 _HEADERS = ("kernels.h",)
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")  # threads: our own pool, no OpenMP
 _LIB_NAME = "llamarun_kernels.so"
