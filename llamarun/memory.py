@@ -670,7 +670,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
             return plan
         tried.append(f"{plan.label} needs {_fmt(plan.total)}")
 
-    mode = order[-1][0]
+    mode = quantize if quantize != "auto" else "int4"  # the smallest: named in the error, or offloaded
     choose(mode, offload_layers or 0)
     if device.type == "cpu" or offload_layers is not None:
         raise RuntimeFailure(f"the model does not fit: {plan.label} needs {_fmt(plan.total)} (weights "

@@ -57,6 +57,16 @@ def test_meta_default_batch_is_a_trap():
         make_plan(args, torch.device("cpu"), torch.float16, batch=32, max_seq_len=2048, memory=12 * GiB)
 
 
+def test_a_native_int4_model_that_does_not_fit_is_planned_int4():
+    """A 4-bit checkpoint tries int4 before int8; when nothing fits, the error names int4 (the smallest)
+    on a CPU, and an accelerator offloads int4 layers, not int8 ones."""
+    args = config_by_name("llama-2-7b")
+    with pytest.raises(RuntimeFailure, match="int4 needs"):
+        make_plan(args, torch.device("cpu"), torch.float32, max_seq_len=2048, memory=3 * GiB, native_mode="int4")
+    plan = make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=3 * GiB, native_mode="int4")
+    assert plan.quantize == "int4" and 0 < plan.offload_layers < args.n_layers and plan.fits
+
+
 def test_accelerator_too_small_offloads_layers():
     args = config_by_name("llama-2-7b")
     plan = make_plan(args, torch.device("cuda"), torch.float16, max_seq_len=2048, memory=4 * GiB)
