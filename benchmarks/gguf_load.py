@@ -41,6 +41,7 @@ def write(path: Path, config: str, recipe: str) -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _ckpt_utils import random_gguf_blocks
+    from llamarun.convert import add_gguf_hparams
     from llamarun.memory import config_by_name
     from llamarun.tokenizer import bytes_to_unicode
 
@@ -48,14 +49,7 @@ def write(path: Path, config: str, recipe: str) -> None:
     bulk, more, out = (getattr(gguf.GGMLQuantizationType, t) for t in RECIPES[recipe])
     tmp = path.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_context_length(a.max_seq_len)
-    w.add_embedding_length(a.dim)
-    w.add_block_count(a.n_layers)
-    w.add_feed_forward_length(a.hidden_dim)
-    w.add_head_count(a.n_heads)
-    w.add_head_count_kv(a.n_kv_heads)
-    w.add_layer_norm_rms_eps(a.norm_eps)
-    w.add_rope_freq_base(a.rope_theta)
+    add_gguf_hparams(w, a)
     byte_tokens = list(bytes_to_unicode().values())
     w.add_tokenizer_model("gpt2")
     w.add_token_list(byte_tokens + ["ab"] + [f"<extra_{i}>" for i in range(a.vocab_size - 257)])

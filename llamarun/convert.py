@@ -630,11 +630,8 @@ def _rope_factors(args: ModelArgs) -> torch.Tensor:
     return (rope_frequencies(plain) / rope_frequencies(args)).float()
 
 
-def _gguf_metadata(writer, ckpt: Checkpoint, dtype: str) -> None:
-    import gguf
-
-    args = ckpt.args
-    writer.add_name(Path(ckpt.path).stem if Path(ckpt.path).is_file() else Path(ckpt.path).name)
+def add_gguf_hparams(writer, args: ModelArgs) -> None:
+    """The llama architecture's hyper-parameter keys of a GGUF file (``gguf.GGUFWriter``), from ``args``."""
     writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)
     writer.add_block_count(args.n_layers)
@@ -648,6 +645,14 @@ def _gguf_metadata(writer, ckpt: Checkpoint, dtype: str) -> None:
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
     writer.add_vocab_size(args.vocab_size)
+
+
+def _gguf_metadata(writer, ckpt: Checkpoint, dtype: str) -> None:
+    import gguf
+
+    args = ckpt.args
+    writer.add_name(Path(ckpt.path).stem if Path(ckpt.path).is_file() else Path(ckpt.path).name)
+    add_gguf_hparams(writer, args)
     file_type = {"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
                  "bfloat16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     writer.add_file_type(int(file_type))
