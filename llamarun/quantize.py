@@ -563,7 +563,10 @@ def from_gguf_file(t: Any, shape: tuple[int, int], mode: str, group_size: int | 
         r1 = min(n, r0 + step)
         piece = buf[: (r1 - r0) * row_bytes]
         t.read_into(r0 * row_bytes, piece.numpy())
-        fill(piece.view(-1, block_bytes), out.map(lambda f: f[r0:r1]))
+        try:
+            fill(piece.view(-1, block_bytes), out.map(lambda f: f[r0:r1]))
+        except (RuntimeError, UsageError) as e:  # a corrupted block (scales beyond float16), from torch or C++
+            raise FormatError(f"{t.path}: tensor {t.name}: {str(e).splitlines()[0]}") from None
     return out
 
 

@@ -391,6 +391,33 @@ def test_rare_gguf_types_go_through_gguf_quants(tmp_path):
     assert out.split() == ["['F32',", "'Q4_1',", "'Q8_0']", "['F32',", "'Q4_K',", "'Q6_K']", "False"]
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_k_quant_block_with_scales_beyond_float16_is_one_line(tmp_path, capsys, monkeypatch, compiled):
+    """A corrupted Q4_K block (super-block scale 65504 times 6-bit scales of 63) cannot become int4 scales:
+    one line naming the file and the tensor, exit 2, from the compiled conversion and the torch one alike."""
+    import gguf
+
+    from llamarun import kernels
+    from llamarun import quantize as Q
+    from llamarun.formats.gguf import open_reader
+
+    if compiled and not kernels.available():
+        pytest.skip("no compiled kernels")
+    if not compiled:
+        monkeypatch.setattr(Q, "_kernel_fill", lambda *a: None)
+    T = gguf.GGMLQuantizationType
+    path = write_tiny_gguf(tmp_path / "k.gguf", dim=256, hidden=512,
+                           raw_types={f"blk.0.{n}.weight": T.Q4_K for n in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                            "ffn_gate", "ffn_up", "ffn_down")})
+    t = next(t for t in open_reader(path).tensors if t.name == "blk.0.attn_q.weight")
+    data = bytearray(path.read_bytes())
+    data[t.offset : t.offset + 2] = np.array([65504], np.float16).tobytes()
+    data[t.offset + 4 : t.offset + 16] = b"\xff" * 12
+    path.write_bytes(bytes(data))
+    proc = run_cli_in_process(["generate", "-m", str(path), "-n", "2", "hi"], capsys)
+    assert_one_line_error(proc, 2, str(path), "tensor blk.0.attn_q.weight", "scales too large")
+
+
 def test_collector_paused_until_loaded_then_frozen_and_restored(tmp_path, monkeypatch, capsys):
     """main() runs imports and loading with Python's garbage collector off, freezes what exists once the
     model is loaded and collects again while generating; afterwards the collector is as it was."""
