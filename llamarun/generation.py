@@ -551,7 +551,7 @@ class Llama:
                 from .quantize import build_quantized_model
 
                 model = build_quantized_model(ckpt, plan.quantize, home, dt, group_size=group_size, max_seq_len=seq,
-                                              layer_modes=plan.layer_modes)
+                                              layer_modes=plan.layer_modes, embedding_mode=plan.embedding_mode)
             if plan.offload_layers:
                 place_layers(model, dev, first_cpu_layer=ckpt.args.n_layers - plan.offload_layers)
             if plan.quantize != "none":

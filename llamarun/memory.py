@@ -438,15 +438,20 @@ def layer_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | 
     return sum(quantized_bytes(n, k, mode, group_size) for n, k in linear_shapes(args)) + norms
 
 
-def edge_bytes(args: ModelArgs, mode: str, dtype_bytes: int) -> int:
-    """Embedding, output layer and final norm: float when mode is 'none', else int8 (shared when tied)."""
+def edge_bytes(args: ModelArgs, mode: str, dtype_bytes: int, embedding_mode: str = "int8") -> int:
+    """Embedding, output layer and final norm: float when mode is 'none', else the output layer int8 and an
+    untied embedding in ``embedding_mode`` (a tied one shares the output's table)."""
     table = args.vocab_size * args.dim
-    per_table = table * dtype_bytes if mode == "none" else quantized_bytes(args.vocab_size, args.dim, "int8")
-    return per_table * (1 if args.tie_embeddings else 2) + args.dim * dtype_bytes
+    if mode == "none":
+        return table * dtype_bytes * (1 if args.tie_embeddings else 2) + args.dim * dtype_bytes
+    embedding = 0 if args.tie_embeddings else quantized_bytes(args.vocab_size, args.dim, embedding_mode)
+    return quantized_bytes(args.vocab_size, args.dim, "int8") + embedding + args.dim * dtype_bytes
 
 
-def weight_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None) -> int:
-    return args.n_layers * layer_bytes(args, mode, dtype_bytes, group_size) + edge_bytes(args, mode, dtype_bytes)
+def weight_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None,
+                 embedding_mode: str = "int8") -> int:
+    return (args.n_layers * layer_bytes(args, mode, dtype_bytes, group_size)
+            + edge_bytes(args, mode, dtype_bytes, embedding_mode))
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
@@ -530,7 +535,8 @@ def native_quantization(ckpt) -> dict[str, Any]:
     Files that mix them (Q4_K_M: Q4_K, with Q6_K for attn_v and half the ffn_down; Q5_K_M likewise) get
     'int4' and ``layer_modes``: int8 for each linear module (a fused one included) with a part of more than
     4 bits. ``edge_native_mode`` is 'int8' when the output table (or the embedding it is tied to) converts
-    to int8 a few MiB at a time (GGUF block types; Q8_0, Q5_0 and Q4_0 without loss).
+    to int8 a few MiB at a time (GGUF block types; Q8_0, Q5_0 and Q4_0 without loss). ``embedding_mode`` is
+    'int4' for an untied embedding stored in 4 bits or fewer (a lookup table needs no more), else 'int8'.
     """
     from .model import checkpoint_names
     from .formats.gguf import BLOCK_TYPES
@@ -547,7 +553,11 @@ def native_quantization(ckpt) -> dict[str, Any]:
                 name = f"layers.{i}.{linear}"
                 if _types_mode([tt.get(p, "none") for p in checkpoint_names(name + ".weight")]) == "int8":
                     layer_modes[name] = "int8"
-    return {"native_mode": mode, "edge_native_mode": edge_mode, "layer_modes": layer_modes}
+    # An untied embedding is a lookup table: kept 4-bit when the file has it so (the output layer stays int8).
+    emb = tt.get("tok_embeddings.weight")
+    embedding_mode = "int4" if not ckpt.args.tie_embeddings and emb in _INT4_TYPES else "int8"
+    return {"native_mode": mode, "edge_native_mode": edge_mode, "layer_modes": layer_modes,
+            "embedding_mode": embedding_mode}
 
 
 # ---- the plan ---------------------------------------------------------------------------------------------
@@ -570,6 +580,7 @@ class Plan:
     loading: int = 0  # transient while loading (freed before the KV cache and activations exist)
     quantize: str = "none"  # chosen: "none" | "int8" | "int4"
     layer_modes: dict[str, str] = field(default_factory=dict)  # modules kept in another mode than ``quantize``
+    embedding_mode: str = "int8"  # an untied embedding's table, when quantized (the output layer is int8)
     group_size: int | None = None
     weights_on_device: int = 0
     offload_layers: int = 0  # layers kept on the CPU (accelerators only)
@@ -599,15 +610,15 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
               max_seq_len: int | None = None, memory: int | None = None, quantize: str = "auto",
               group_size: int | None = None, offload_layers: int | None = None,
               native_mode: str = "none", edge_native_mode: str = "none", layer_modes: dict[str, str] | None = None,
-              kv_dtype: torch.dtype | None = None) -> Plan:
+              embedding_mode: str = "int8", kv_dtype: torch.dtype | None = None) -> Plan:
     """Decide how to load a model on ``device`` within ``memory`` bytes (default: what the device has free).
 
     ``native_mode`` is the quantization the checkpoint is stored in ("int4" for a Q4_0/Q4_1/Q4_K GGUF,
     "int8" for Q8_0/Q6_K...): with ``quantize='auto'`` it comes first, since dequantizing it would only
     cost memory and speed. ``layer_modes`` (module name -> mode) are a mixed file's modules stored with more
     bits (a Q4_K_M file's Q6_K ones as int8): ``quantize='auto'`` keeps them if that fits, else makes them
-    ``native_mode`` too. ``kv_dtype`` is the KV cache's (default: ``dtype``). Raises RuntimeFailure, before
-    anything is allocated, when nothing fits.
+    ``native_mode`` too. ``embedding_mode`` is an untied embedding's in a quantized model. ``kv_dtype`` is the
+    KV cache's (default: ``dtype``). Raises RuntimeFailure, before anything is allocated, when nothing fits.
     """
     seq = max_seq_len or args.max_seq_len
     if batch < 1:
@@ -629,18 +640,19 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     plan = Plan(device=str(device), dtype=dtype_name, batch=batch, max_seq_len=seq, available=avail,
                 available_source=source,
                 weights={dtype_name: weight_bytes(args, "none", nbytes),
-                         "int8": weight_bytes(args, "int8", nbytes, group_size),
-                         "int4": weight_bytes(args, "int4", nbytes, group_size)},
+                         "int8": weight_bytes(args, "int8", nbytes, group_size, embedding_mode),
+                         "int4": weight_bytes(args, "int4", nbytes, group_size, embedding_mode)},
                 kv_cache=kv_cache_bytes(args, batch, seq, DTYPE_BYTES[kv_dtype]),
                 kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activation_bytes(args, batch, seq, nbytes),
-                overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size)
+                overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size,
+                embedding_mode=embedding_mode)
     # (mode, modules kept in another mode) in the order tried
     if quantize != "auto":
         order = [(quantize, {})]
     elif native_mode != "none":
         order = [(native_mode, layer_modes or {})] + [(m, {}) for m in ("int8", "int4") if m != native_mode]
         if layer_modes:
-            plan.weights[f"{native_mode}+int8"] = (weight_bytes(args, native_mode, nbytes, group_size)
+            plan.weights[f"{native_mode}+int8"] = (weight_bytes(args, native_mode, nbytes, group_size, embedding_mode)
                                                    + override_bytes(args, native_mode, layer_modes, range(args.n_layers)))
             order.insert(1, (native_mode, {}))
     else:
@@ -650,7 +662,8 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     def choose(mode: str, n_cpu: int, modes: dict[str, str] | None = None) -> Plan:
         plan.quantize, plan.offload_layers, plan.layer_modes = mode, n_cpu, dict(modes or {})
         on_dev = args.n_layers - n_cpu
-        plan.weights_on_device = (on_dev * layer_bytes(args, mode, nbytes, group_size) + edge_bytes(args, mode, nbytes)
+        plan.weights_on_device = (on_dev * layer_bytes(args, mode, nbytes, group_size)
+                                  + edge_bytes(args, mode, nbytes, embedding_mode)
                                   + override_bytes(args, mode, plan.layer_modes, range(on_dev), group_size))
         plan.kv_cache = full_kv * on_dev // args.n_layers
         # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
@@ -680,7 +693,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                              ("" if device.type == "cpu" else ", or more --offload-layers"))
     # An accelerator: keep as many layers as fit on it, the rest on the CPU.
     per_layer = layer_bytes(args, mode, nbytes, group_size) + full_kv // args.n_layers
-    room = avail - edge_bytes(args, mode, nbytes) - plan.activations - plan.overhead
+    room = avail - edge_bytes(args, mode, nbytes, embedding_mode) - plan.activations - plan.overhead
     on_dev = max(0, min(args.n_layers - 1, room // per_layer))
     choose(mode, args.n_layers - on_dev)
     if on_dev == 0:

@@ -937,15 +937,17 @@ def quantize_model(model: nn.Module, mode: str, group_size: int | None = None, *
 
 def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                           group_size: int | None = None, output_mode: str | None = None,
-                          max_seq_len: int | None = None, layer_modes: dict[str, str] | None = None):
+                          max_seq_len: int | None = None, layer_modes: dict[str, str] | None = None,
+                          embedding_mode: str | None = None):
     """Like ``generation.build_model``, with every linear layer quantized straight from the checkpoint.
 
     One checkpoint tensor is materialised at a time; GGUF blocks are converted a few MiB at a time, block
     for block where the type maps onto the mode (Q8_0, Q5_0 -> int8; Q4_0, Q4_1, Q4_K -> int4; group size
     32). ``layer_modes`` (module name -> mode) overrides ``mode`` for some modules (a Q4_K_M file's Q6_K
     ones kept as int8; ``memory.native_quantization`` finds them). Norms stay in ``dtype``. The embedding
-    is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied). The rotary table covers
-    ``max_seq_len`` positions (default: the model's context).
+    is a :class:`QuantizedEmbedding` (sharing ``output``'s table when tied; else in ``embedding_mode``,
+    default ``output_mode``). The rotary table covers ``max_seq_len`` positions (default: the model's
+    context).
     """
     from .memory import weight_arena
 
@@ -956,11 +958,12 @@ def build_quantized_model(ckpt: Any, mode: str, device: torch.device | str = "cp
     # On a CPU the weights are made in place, side by side in 2 MiB pages (see memory.WeightArena).
     with weight_arena(device):
         return _build_quantized_model(ckpt, mode, device, dtype, group_size, output_mode, max_seq_len,
-                                      layer_modes or {})
+                                      layer_modes or {}, embedding_mode or output_mode)
 
 
 def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: torch.dtype, group_size: int | None,
-                           output_mode: str, max_seq_len: int | None, layer_modes: dict[str, str]) -> nn.Module:
+                           output_mode: str, max_seq_len: int | None, layer_modes: dict[str, str],
+                           embedding_mode: str) -> nn.Module:
     from .generation import load_parameters, meta_model
 
     out_gs = group_size if output_mode == mode else None  # group_size is for `mode`'s layers
@@ -980,7 +983,9 @@ def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: to
     if args.tie_embeddings:
         model.tok_embeddings = QuantizedEmbedding(model.output, tied=True, dtype=dtype)
     else:
-        qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), output_mode, out_gs)
+        _check_mode(embedding_mode)
+        qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), embedding_mode,
+                                   out_gs if embedding_mode == mode else None)
         model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
     load_parameters(model, ckpt, device, dtype, max_seq_len)  # what is left: the norms
     return model.eval()

@@ -15,9 +15,10 @@ from conftest import REPO, assert_one_line_error, run_cli
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers: int = 1, dim: int = 32,
-                    hidden: int = 64, raw_types: dict | None = None) -> Path:
+                    hidden: int = 64, raw_types: dict | None = None, untied: bool = False) -> Path:
     """A tiny random LLaMA GGUF with a byte-level gpt2 vocabulary (256 bytes + one merge). ``raw_types``
-    (GGUF tensor name -> type) gives tensors random blocks of a type gguf.quants cannot quantize to."""
+    (GGUF tensor name -> type) gives tensors random blocks of a type gguf.quants cannot quantize to;
+    ``untied`` adds an output layer of its own."""
     import gguf
     from llamarun.tokenizer import bytes_to_unicode
 
@@ -52,6 +53,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", weight_type=None, n_layers:
             w.add_tensor(name, a)
 
     tensor("token_embd.weight", (vocab, dim))
+    if untied:
+        tensor("output.weight", (vocab, dim))
     tensor("output_norm.weight", (dim,))
     for i in range(n_layers):
         for n, shape in [("attn_norm", (dim,)), ("ffn_norm", (dim,)), ("attn_q", (dim, dim)), ("attn_k", (dim // 2, dim)),

@@ -443,6 +443,39 @@ def _q6_k_blocks(w: np.ndarray) -> np.ndarray:
                            d16.view(np.uint8)], axis=1)
 
 
+def test_untied_4_bit_embedding_stays_int4(tmp_path):
+    """An untied embedding stored as Q4_K is a lookup table: it loads as int4 (its values as they are),
+    while the output layer stays int8; the plan counts it so."""
+    import gguf
+
+    from llamarun.formats import load_checkpoint
+    from llamarun.generation import Llama
+    from llamarun.memory import make_plan, native_quantization, quantized_bytes
+    from test_cli import write_tiny_gguf
+
+    T = gguf.GGMLQuantizationType
+    raw = {f"blk.0.{n}.weight": T.Q4_K for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                 "ffn_down")}
+    raw.update({"token_embd.weight": T.Q4_K, "output.weight": T.Q6_K})
+    path = write_tiny_gguf(tmp_path / "u.gguf", dim=256, hidden=512, raw_types=raw, untied=True)
+    ckpt = load_checkpoint(path)
+    native = native_quantization(ckpt)
+    assert native["embedding_mode"] == "int4" and native["native_mode"] == "int4" and not native["layer_modes"]
+    llm = Llama.load(path, max_seq_len=32)
+    emb = llm.model.tok_embeddings
+    assert emb.source.mode == "int4" and not emb.tied and llm.model.output.mode == "int8"
+    assert llm.plan.embedding_mode == "int4"
+    ref = Llama.load(path, quantize="none", dtype="float32", max_seq_len=32)
+    tokens = torch.tensor([[3, 77, 256, 0]])
+    with torch.inference_mode():
+        got, want = emb(tokens), ref.model.tok_embeddings(tokens)
+    assert ((got - want).abs() <= want.abs().amax() * 2.0**-9).all()
+    args, cpu = ckpt.args, torch.device("cpu")
+    as_int8 = make_plan(args, cpu, torch.float32, max_seq_len=32, memory=1 << 40, native_mode="int4")
+    saved = quantized_bytes(args.vocab_size, args.dim, "int8") - quantized_bytes(args.vocab_size, args.dim, "int4")
+    assert as_int8.weights_on_device - llm.plan.weights_on_device == saved
+
+
 def test_smollm2_as_a_q4_k_m_file(llm, tmp_path, tokens, reference):
     """SmolLM2's weights written the way llama.cpp's Q4_K_M recipe writes them (ffn_down, the one width that
     splits into 256-blocks, Q4_K, or Q6_K in the layers that get more bits; the 576-wide rows in its
