@@ -23,10 +23,25 @@ CONVERT_DTYPES = ("float32", "float16", "bfloat16", "q8_0")
 QUANT_MODES = ("int8", "int4")
 
 
+def _add_model_option(p: argparse.ArgumentParser) -> None:
+    """``-m/--model`` beside a positional MODEL, as generate and bench spell it (see _merge_model_option)."""
+    p.add_argument("-m", "--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
+
+
+def _merge_model_option(args: argparse.Namespace) -> None:
+    """A command taking MODEL positionally also takes ``-m MODEL``; giving two different ones is an error."""
+    option = getattr(args, "model_option", None)
+    if option is not None:
+        if args.model is not None and args.model != option:
+            raise UsageError(f"two models given: {args.model!r} and -m {option!r}")
+        args.model = option
+
+
 def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", nargs="?", help="checkpoint: .gguf, llama2.c .bin, or a Meta/HF directory "
                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+        _add_model_option(p)
     else:
         p.add_argument("-m", "--model", help="checkpoint: .gguf, llama2.c .bin, or a Meta/HF directory "
                                              "(default: the embedded SmolLM2-135M-Instruct)")
@@ -90,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "choice (native dtype, int8, int4), KV cache, activations, runtime overhead, "
                                     "the memory available, and the configuration llamarun would load.")
     pl.add_argument("model", nargs="?", help="checkpoint path (default: the embedded SmolLM2)")
+    _add_model_option(pl)
     pl.add_argument("--config", help="plan for a known model instead: " + ", ".join(KNOWN_CONFIGS))
     pl.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (a CUDA device needs no GPU "
                                                      "here when --memory is given)")
@@ -437,6 +453,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _merge_model_option(args)
         return COMMANDS[args.command](args)
     except LlamarunError as e:
         print(f"llamarun: error: {e}", file=sys.stderr)

@@ -421,6 +421,20 @@ def test_k_quant_block_with_scales_beyond_float16_is_one_line(tmp_path, capsys, 
     assert_one_line_error(proc, 2, str(path), "tensor blk.0.attn_q.weight", "scales too large")
 
 
+def test_info_and_plan_take_the_model_as_m_too(tmp_path, capsys):
+    """`info` and `plan` take the model positionally or with -m, as generate and bench spell it; two
+    different ones are a one-line usage error."""
+    path = str(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    for command, keys in (("info", ("path", "tensor_types")), ("plan", ("weights", "choice"))):
+        positional = run_cli_in_process([command, path, "--json"], capsys)
+        option = run_cli_in_process([command, "-m", path, "--json"], capsys)
+        assert positional.returncode == option.returncode == 0, option.stderr
+        a, b = json.loads(positional.stdout), json.loads(option.stdout)  # (memory figures move between calls)
+        assert [a[k] for k in keys] == [b[k] for k in keys] and str(tmp_path) in json.dumps(a)
+        assert_one_line_error(run_cli_in_process([command, path, "-m", path + "x", "--json"], capsys), 2,
+                              "two models given")
+
+
 def test_collector_paused_until_loaded_then_frozen_and_restored(tmp_path, monkeypatch, capsys):
     """main() runs imports and loading with Python's garbage collector off, freezes what exists once the
     model is loaded and collects again while generating; afterwards the collector is as it was."""
