@@ -676,10 +676,13 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
             plan.reason = (f"--quantize {quantize} requested" if quantize != "auto" else
                            "; ".join(tried + [f"{plan.label} fits"]))
             if mode == native_mode != "none" and quantize == "auto":
-                plan.reason += (f" (the checkpoint's precision: {mode}, int8 for its {len(modes)} modules of more "
-                                "than 4 bits)" if modes else
-                                " (the checkpoint's precision but for its modules of more than 4 bits)" if layer_modes
-                                else f" (the checkpoint's precision: {mode})")
+                if modes:
+                    plan.reason += (f" (the checkpoint's precision: {mode}, int8 for its {len(modes)} modules of "
+                                    "more than 4 bits)")
+                elif layer_modes:  # the mix did not fit
+                    plan.reason += " (the checkpoint's precision but for its modules of more than 4 bits)"
+                else:
+                    plan.reason += f" (the checkpoint's precision: {mode})"
             return plan
         tried.append(f"{plan.label} needs {_fmt(plan.total)}")
 

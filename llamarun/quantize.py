@@ -42,7 +42,7 @@ from torch import nn
 
 from . import kernels
 from .errors import FormatError, UsageError
-from .formats.gguf import BLOCK_TYPES, QT, dequantize_blocks, k_scales, q4_k_values, q5_values
+from .formats.gguf import BLOCK_TYPES, QT, dequantize_blocks, k_sub_scales, q4_k_values, q5_values
 from .model import Attention
 
 MODES = ("int8", "int4")
@@ -400,10 +400,8 @@ def _fill_q4_k(b: torch.Tensor, out: QuantizedTensor) -> None:
     as they are). Dequantizing and quantizing again re-rounded every weight, at ~10x the time."""
     q = q4_k_values(b)  # [B, 8, 32], values 0..15
     out.qweight.view(-1, 8, QK // 2).copy_(q[..., : QK // 2] | (q[..., QK // 2 :] << 4))
-    scales, mins = k_scales(b)
-    d = b[:, 0:2].contiguous().view(torch.float16).float()
-    dmin = b[:, 2:4].contiguous().view(torch.float16).float()
-    scale, low = d * scales.float(), -(dmin * mins.float())
+    scale, low = k_sub_scales(b)
+    low = -low
     if not (torch.isfinite(scale.half()).all() and torch.isfinite(low.half()).all()):
         raise FormatError("Q4_K scales too large to express in float16")
     out.scales.view(-1, 8).copy_(_f16_bits(scale))

@@ -278,7 +278,7 @@ def test_torch_dequantizers_match_gguf_quants(qtype):
 
 @pytest.mark.parametrize("qtype,mode", [("Q4_K", "int4"), ("Q5_0", "int8"), ("Q6_K", "int8"), ("Q5_K", "int8"),
                                         ("Q5_1", "int8"), ("Q4_K", "int8"), ("Q6_K", "int4")])
-def test_k_quant_and_q5_blocks_convert(qtype, mode, tmp_path):
+def test_k_quant_and_q5_blocks_convert(qtype, mode, tmp_path, monkeypatch):
     """Q4_K -> int4 keeps the 4-bit values and rounds only the sub-block scale and min products to float16;
     Q5_0 -> int8 is exact; the other types become int8 (or int4) with group size 32 within half a step of
     the new grid. A file's tensor read piece by piece converts to the same bits as the whole array."""
@@ -306,21 +306,14 @@ def test_k_quant_and_q5_blocks_convert(qtype, mode, tmp_path):
         rng = ref.view(n, -1, 32)
         assert (err <= (rng.amax(-1, keepdim=True) - rng.amin(-1, keepdim=True)) / 15 + 1e-5).all()
 
-    import gguf as G
-
-    path = tmp_path / "one.gguf"
-    w = G.GGUFWriter(str(path), "llama")
-    w.add_tensor("t.weight", raw, raw_dtype=qt_enum)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    info = open_reader(path).tensors[0]
     from llamarun import memory
 
-    old = memory.GGUF_READ_BYTES
-    memory.GGUF_READ_BYTES = 4096  # many pieces, a few rows each
-    try:
-        piecewise = Q.from_gguf_file(info, (n, k), mode, 32)
-    finally:
-        memory.GGUF_READ_BYTES = old
+    path = tmp_path / "one.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("t.weight", raw, raw_dtype=qt_enum)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    monkeypatch.setattr(memory, "GGUF_READ_BYTES", 4096)  # many pieces, a few rows each
+    piecewise = Q.from_gguf_file(open_reader(path).tensors[0], (n, k), mode, 32)
     for a, b in zip((piecewise.qweight, piecewise.scales, piecewise.mins), (qt.qweight, qt.scales, qt.mins)):
         assert (a is None and b is None) or torch.equal(a, b)
 

@@ -279,22 +279,21 @@ def _bits(b: torch.Tensor, width: int) -> torch.Tensor:
     return (b.unsqueeze(-2) >> shifts[:, None]) & ((1 << width) - 1)
 
 
-def k_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 6-bit scales and mins of Q4_K/Q5_K super-blocks: raw bytes 4..16 of blocks [B, bytes] -> two
-    uint8 [B, 8] (one per 32-element sub-block). Bytes 0-3 hold scales 0-3 (and bits 4-5 of scales 4-7 in
-    their top two bits), bytes 4-7 the mins likewise, bytes 8-11 the low 4 bits of scales/mins 4-7."""
+def k_sub_scales(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K super-blocks [B, bytes] -> each 32-element sub-block's scale d * sc and min dmin * m, two
+    float32 [B, 8] (w = scale q - min). The 6-bit sc and m are in bytes 4..16: bytes 0-3 hold sc 0-3 (and
+    bits 4-5 of sc 4-7 in their top two bits), bytes 4-7 the mins likewise, bytes 8-11 the low 4 bits of
+    sc / m 4-7."""
     sc, mn, lo = raw[:, 4:8], raw[:, 8:12], raw[:, 12:16]
     scales = torch.cat([sc & 63, (lo & 0x0F) | ((sc >> 2) & 0x30)], dim=1)
     mins = torch.cat([mn & 63, (lo >> 4) | ((mn >> 2) & 0x30)], dim=1)
-    return scales, mins
+    return _f16_column(raw, 0) * scales.float(), _f16_column(raw, 2) * mins.float()
 
 
 def _q_k_sub(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K values q [B, 8, 32] -> floats (d * scale) * q - dmin * min per sub-block, as ggml does."""
-    scales, mins = k_scales(raw)
-    d = (_f16_column(raw, 0) * scales.float())[..., None]
-    m = (_f16_column(raw, 2) * mins.float())[..., None]
-    return d * q.float() - m
+    scale, low = k_sub_scales(raw)
+    return scale[..., None] * q.float() - low[..., None]
 
 
 def _dq_q8_0(raw: torch.Tensor) -> torch.Tensor:  # [d: f16][32 x int8]
