@@ -38,11 +38,12 @@ def test_greedy_continuations_match_transformers(llm, hf_model):
         assert mine == ref[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kv,atol", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
+@pytest.mark.parametrize("kv,atol", [(torch.float32, 5e-4), (torch.float16, 3e-2)])
 def test_kv_cache_decoding_equals_full_recompute(llm, kv, atol):
     """Prefill, one-token steps and a chunk after cached tokens, through a float32 cache (equal to a full
-    recompute) and a float16 one (the CPU default: keys and values rounded to 11 bits move SmolLM2's logits,
-    which reach ~25, by ~1e-2 at most)."""
+    recompute up to float32 summation order: one-row and many-row products sum in different orders, and 30
+    layers carry that to the logits, up to 1.3e-4 on a Zen 5 CPU) and a float16 one (the CPU default: keys
+    and values rounded to 11 bits move SmolLM2's logits, which reach ~25, by ~1e-2 at most)."""
     ids = _ids(llm, PROMPTS[1])
     n = ids.shape[1]
     model = llm.model
@@ -54,7 +55,7 @@ def test_kv_cache_decoding_equals_full_recompute(llm, kv, atol):
         step += [model(ids[:, i : i + 1], i) for i in range(4, n - 3)]
         step.append(model(ids[:, n - 3 :], n - 3))  # a chunk after cached tokens (masked attention)
     got = torch.cat(step, dim=1)
-    assert torch.allclose(got, full, atol=atol)
+    assert torch.allclose(got, full, rtol=0, atol=atol)
     assert torch.equal(got.argmax(-1), full.argmax(-1))
 
 
