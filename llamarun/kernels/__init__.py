@@ -233,6 +233,15 @@ def int8_batches() -> bool:
     return torch.ops.llamarun.simd_level() >= 2
 
 
+def gemm_min_rows() -> int:
+    """Activation rows from which the int8 batch products (``int8_batches``) run as a GEMM rather than row
+    by row: with AVX-512 16, or 6 on a CPU that runs 512-bit instructions at full width (AMD Zen 5); with
+    AVX2 every batch (1); 0 without int8 batch products (see qlinear.cpp's ``gemm_min_rows``)."""
+    if not int8_batches():
+        return 0
+    return int(torch.ops.llamarun.gemm_min_rows()) if torch.ops.llamarun.simd_level() >= 3 else 1
+
+
 def set_num_threads(n: int | None) -> int:
     """Threads the kernels use: ``n``, or (None / 0) torch's setting (``torch.set_num_threads``). Returns
     the previous setting (0: torch's)."""

@@ -43,6 +43,10 @@
 #include <unistd.h>
 #include <chrono>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -745,6 +749,28 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
 }
 #endif  // LLAMARUN_AVX512
 
+// Where the int8 GEMM below takes over from the row kernels (AVX-512). A tile costs the same at any row
+// count (empty lanes are computed too) while a row kernel's cost grows with every row, so the crossing
+// depends on how wide the core runs 512-bit instructions. Zen 4 splits them in two halves: there the GEMM
+// draws level near 16 rows (at 16: 0.55-0.8x the row kernels' time). Zen 5 (AMD family 0x1A) runs them
+// whole and the GEMM is ahead from the batch products' threshold on (6 rows; below it the int16 kernel is
+// faster still): SmolLM2 decode at batch 6, 8, 12 1.4x, 1.55x, 1.8x tok/s with int4 weights, 1.8x, 1.9x,
+// 2.1x with int8 ones. Intel's AVX-512 CPUs were not measured: 16.
+int64_t gemm_min_rows() {
+  static const int64_t rows = [] {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163 &&
+        __get_cpuid(1, &eax, &ebx, &ecx, &edx)) {  // "AuthenticAMD"; then the family, extended when 0xF
+      const unsigned base = (eax >> 8) & 0xF, family = base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
+      if (family >= 0x1A) return int64_t{6};
+    }
+#endif
+    return int64_t{16};
+  }();
+  return rows;
+}
+
 #ifdef LLAMARUN_AVX2
 #ifndef LLAMARUN_AVX512
 // AVX2's form of the int8 rounding above (the GEMM's inputs): the same values, d, s, NaN included.
@@ -778,8 +804,8 @@ inline void quantize_block_i8(const float* x, __m128i& lo, __m128i& hi, float& d
 }
 #endif
 
-// ---- int8 GEMM for batches (AVX-512 VNNI: from 16 rows; AVX2: int4 weights, every batch) ----------------
-// From GEMM_MIN_ROWS activation rows the int8 products turn around: each 512-bit register holds one output
+// ---- int8 GEMM for batches (AVX-512 VNNI: from gemm_min_rows(); AVX2: int4 weights, every batch) -------
+// From gemm_min_rows() activation rows the int8 products turn around: each 512-bit register holds one output
 // column for 16 activation rows (its lanes), and vpdpbusd multiplies 4 inputs of each of the 16 rows
 // (unsigned: the int8 value + 128) by the same 4 weights, broadcast from memory (signed bytes). A weight
 // byte is then loaded once per 16 rows, not once per row, and no lane needs summing at the end; the
@@ -788,7 +814,6 @@ inline void quantize_block_i8(const float* x, __m128i& lo, __m128i& hi, float& d
 // sum at -128 * sum(q_w). Weight rows are unpacked GEMM_NR at a time straight into the kernel's layout
 // (GemmRows: int4 nibbles split, block sums, float scales and mins) and reused for every 16-row tile of
 // activations (prefill's 512 rows: 32 tiles; at 16 rows the unpacking is about a third of the work).
-constexpr int64_t GEMM_MIN_ROWS = 16;
 constexpr int GEMM_NR = 8;           // weight rows per pass (8 int32 + 8 float accumulators)
 constexpr int64_t GEMM_TILES = 8;    // activation tiles (of 16 rows) per pass over a weight row: 128 rows
 
@@ -1588,7 +1613,7 @@ at::Tensor linear_op(const at::Tensor& x, int64_t N, int64_t K, int64_t row_byte
 
 // The two linear ops (declared in kernels.h: layers.cpp calls them directly). Products of at least
 // batch_rows activation rows (0 = never) run as bf16 tile products where the CPU has AMX and N is a multiple
-// of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8; from GEMM_MIN_ROWS rows
+// of 16, else, with AVX-512 VNNI, with int8 activations (q4_rows_i8, q8_rows_i8; from gemm_min_rows() rows
 // the int8 GEMM), and with AVX2 int4 ones as the int8 GEMM (one tile: q4_rows_direct), int8 ones through
 // q8_tile_direct; anything else, and every product on other CPUs, with int16 activations.
 namespace llamarun_kernels {
@@ -1605,7 +1630,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q8_bf16(W, S, K, group_size, n0, out); });
 #endif
 #ifdef LLAMARUN_AVX512
-  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
+  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, gemm_min_rows()))
     return gemm_i8_op<false>(x, N, K, [&](int64_t n0, GemmRows& g) { unpack_q8_rows(W, S, K, group_size, n0, N, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K,
@@ -1636,7 +1661,7 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return amx_op(x, N, K, [&](int64_t n0, uint16_t* out) { dequant_q4_bf16(W, S, Z, K, group_size, n0, out); });
 #endif
 #ifdef LLAMARUN_AVX512
-  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, GEMM_MIN_ROWS))
+  if (batch_rows > 0 && x.numel() / K >= std::max(batch_rows, gemm_min_rows()))
     return gemm_i8_op<true>(x, N, K, [&](int64_t n0, GemmRows& g) { unpack_q4_rows(W, S, Z, K, group_size, n0, N, g); });
   if (batch_rows > 0 && x.numel() / K >= batch_rows)
     return linear_op<Int8Activations>(x, N, K, K / 2,
@@ -1920,6 +1945,7 @@ TORCH_LIBRARY(LLAMARUN_OPS_NS, m) {
   m.def("quantize_act(Tensor x) -> Tensor[]");
   m.def("quantize_int4(Tensor w, int group_size, int steps) -> Tensor[]");
   m.def("simd_level() -> int", &simd_level);
+  m.def("gemm_min_rows() -> int", &gemm_min_rows);
   m.def("set_num_threads(int n) -> int", &set_num_threads);
   m.def("set_spin_us(int us) -> int", &set_spin_us);
 }
