@@ -235,8 +235,9 @@ def int8_batches() -> bool:
 
 def gemm_min_rows() -> int:
     """Activation rows from which the int8 batch products (``int8_batches``) run as a GEMM rather than row
-    by row: with AVX-512 16, or 6 on a CPU that runs 512-bit instructions at full width (AMD Zen 5); with
-    AVX2 every batch (1); 0 without int8 batch products (see qlinear.cpp's ``gemm_min_rows``)."""
+    by row: with AVX-512 16, or 10 on a CPU that runs 512-bit instructions at full width (AMD Zen 5), or
+    ``LLAMARUN_GEMM_MIN_ROWS``; with AVX2 every batch (1); 0 without int8 batch products (see qlinear.cpp's
+    ``gemm_min_rows``)."""
     if not int8_batches():
         return 0
     return int(torch.ops.llamarun.gemm_min_rows()) if torch.ops.llamarun.simd_level() >= 3 else 1

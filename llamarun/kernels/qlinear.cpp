@@ -679,7 +679,9 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
       macc[r] = _mm256_setzero_ps();
     }
     auto quad = [&](int64_t b, __mmask64 mask, const __m512i& idx) __attribute__((always_inline)) {
-      const __m512i v = _mm512_maskz_loadu_epi8(mask, w + b * (QK / 2));
+      // A full group loads unmasked: over rows streamed from memory, masked loads took Zen 5 2-3x as long.
+      const uint8_t* p4 = w + b * (QK / 2);
+      const __m512i v = mask == ~0ULL ? _mm512_loadu_si512(p4) : _mm512_maskz_loadu_epi8(mask, p4);
       const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       for (int r = 0; r < R; ++r) {
         const int8_t* xp = x.q[r] + b * QK;  // b is a multiple of 4: its group's 128 bytes
@@ -736,8 +738,10 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
         macc[r] = _mm256_fmadd_ps(wcv, _mm256_loadu_ps(x.s[r] + b0), macc[r]);
       }
       for (int j = 0; j < cnt; j += 2) {
-        // Blocks past the row's end are never loaded (masked); their inputs and scales are zeros.
-        const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(cnt - j >= 2 ? ~0ULL : 0xFFFFFFFFULL, w + (b0 + j) * QK), flip);
+        // Blocks past the row's end are never loaded (masked, while a full pair loads unmasked, as in
+        // q4_rows_i8); their inputs and scales are zeros.
+        const __m512i v = _mm512_xor_si512(cnt - j >= 2 ? _mm512_loadu_si512(w + (b0 + j) * QK)
+                                                        : _mm512_maskz_loadu_epi8(0xFFFFFFFFULL, w + (b0 + j) * QK), flip);
         for (int r = 0; r < R; ++r) {
           const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, _mm512_loadu_si512(x.q[r] + (b0 + j) * QK));
           acc[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[j / 2], csz[r]), _mm512_cvtepi32_ps(p), acc[r]);
@@ -753,17 +757,19 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
 // count (empty lanes are computed too) while a row kernel's cost grows with every row, so the crossing
 // depends on how wide the core runs 512-bit instructions. Zen 4 splits them in two halves: there the GEMM
 // draws level near 16 rows (at 16: 0.55-0.8x the row kernels' time). Zen 5 (AMD family 0x1A) runs them
-// whole and the GEMM is ahead from the batch products' threshold on (6 rows; below it the int16 kernel is
-// faster still): SmolLM2 decode at batch 6, 8, 12 1.4x, 1.55x, 1.8x tok/s with int4 weights, 1.8x, 1.9x,
-// 2.1x with int8 ones. Intel's AVX-512 CPUs were not measured: 16.
+// whole and the GEMM is ahead from 10 rows: SmolLM2 decode at batch 10/12/14 with the GEMM 1002-1188/
+// 1130-1390/1225-1568 tok/s, with the row kernels 959-993/1016-1046/950-1054 (at 6-8 rows the row kernels
+// lead by 5-30%). Intel's AVX-512 CPUs were not measured: 16. LLAMARUN_GEMM_MIN_ROWS overrides it (for
+// measuring another CPU's crossing).
 int64_t gemm_min_rows() {
   static const int64_t rows = [] {
+    if (const char* env = std::getenv("LLAMARUN_GEMM_MIN_ROWS")) return std::max<int64_t>(1, std::atoll(env));
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163 &&
         __get_cpuid(1, &eax, &ebx, &ecx, &edx)) {  // "AuthenticAMD"; then the family, extended when 0xF
       const unsigned base = (eax >> 8) & 0xF, family = base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
-      if (family >= 0x1A) return int64_t{6};
+      if (family >= 0x1A) return int64_t{10};
     }
 #endif
     return int64_t{16};
