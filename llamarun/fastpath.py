@@ -27,6 +27,8 @@ from .model import Attention, FeedForward, RMSNorm, Transformer
 from .quantize import QuantizedLinear
 
 _BITS = {"int8": 8, "int4": 4}  # decode_layers' code for each quantized linear layer's kernel
+F32_POOL_ROWS = 4  # f32_linear keeps up to this many rows in the kernels' pool (fused.cpp's kF32PoolRows)
+WIDEN_ROWS = 32  # ... and a bfloat16 weight up to this many without native bf16 (kWidenRows)
 
 
 def _cpu_f32(x: torch.Tensor) -> bool:
@@ -164,6 +166,20 @@ def _linear_spec(lin: nn.Module, rows: int) -> tuple[int, int, int, tuple[torch.
         if w.is_cpu and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
             return 32, 0, 0, (w, w, w)
     return None
+
+
+def torch_gemm_rows(model: nn.Module) -> int:
+    """The fewest activation rows for which the layers' products are torch's GEMMs (OpenMP threads) rather
+    than the kernels' pool: float weights past ``f32_linear``'s pool rows, quantized ones on their dense
+    path (judged by the first layer's w13; 1 for plain torch layers, a huge number when never)."""
+    lin = getattr(getattr(getattr(model, "layers", [None])[0], "feed_forward", None), "w13", None)
+    if isinstance(lin, QuantizedLinear):
+        return lin.dense_min_rows
+    if type(lin) is Bf16Linear:
+        return (F32_POOL_ROWS if kernels.bf16_gemm() else WIDEN_ROWS) + 1
+    if type(lin) is FastLinear:
+        return F32_POOL_ROWS + 1
+    return 1
 
 
 class FastTransformer(Transformer):

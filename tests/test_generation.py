@@ -610,6 +610,39 @@ def test_api_misuse_is_a_usage_error():
     assert llm.generate(torch.tensor([[1, 2]]), 2, temperature=0) == want
 
 
+@pytest.mark.skipif(not __import__("llamarun").kernels.available(), reason="needs the compiled kernels")
+def test_kernel_helpers_sleep_through_steps_of_torch_gemms():
+    """A step whose products are torch's GEMMs (a float model's prefill, its decode batches past the kernels'
+    pool rows) runs with the kernels' helpers sleeping after each call (spin 0: a spinning helper held a core
+    an OpenMP worker waited for); the spin is restored after each such step, and batch-1 decode steps, which
+    stay in the pool, keep it. A model whose products are all the kernels' (int8 batches) is left alone."""
+    from llamarun import kernels
+    from llamarun.fastpath import F32_POOL_ROWS, torch_gemm_rows
+
+    llm = Llama.load(None, dtype="float32", quantize="none")
+    assert torch_gemm_rows(llm.model) == F32_POOL_ROWS + 1
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    hook = llm.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(kernels.set_spin_us(77)))
+    old = kernels.set_spin_us(77)
+    try:
+        prompt = llm.tokenizer.encode("The capital of France is")
+        llm.generate([prompt], 3, temperature=0)
+        assert seen == [0, 77, 77]  # the prefill, then two batch-1 decode steps
+        seen.clear()
+        llm.generate([prompt] * (F32_POOL_ROWS + 1), 3, temperature=0)
+        assert seen == [0, 0, 0] and kernels.set_spin_us(77) == 77
+        if kernels.int8_batches():
+            quantized = Llama.load(None)
+            if quantized.batch_product == "int8":
+                assert torch_gemm_rows(quantized.model) > 1 << 40
+    finally:
+        hook.remove()
+        kernels.set_spin_us(old)
+        torch.set_num_threads(n)
+
+
 @pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs int8 batch products")
 def test_prefill_in_the_kernels_runs_torch_on_one_thread():
     """Where a prefill's products and attention all run in the kernels' pool (int8 batch products, the
