@@ -64,6 +64,10 @@ DENSE_MIN_ROWS = {"int8": 32, "int4": 64}
 # 1.7-2.4x at 64-512 and 1.3-1.9x dequantize + float32 GEMM at 512 (Zen 3); its int8 kernel 1.0-1.3x at 8
 # rows, 1.3-1.5x at 16 (SmolLM2's int8 layers with their weights streamed from memory, Zen 3).
 BATCH_MIN_ROWS = 6
+# ... except int8-activation products on a CPU that runs 512-bit instructions whole (Zen 5,
+# kernels.wide_avx512): there they lead the int16 kernel from 2 rows (weights prefetched in both; SmolLM2
+# decode batch 2/3/4/5 578-616/748-768/702-708/679-689 -> 687-701/868-936/940-1074/889-1014 tok/s).
+WIDE_INT8_MIN_ROWS = 2
 # Dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more
 # peak memory).
 _DENSE_TILE_BYTES = 4 << 20
@@ -814,17 +818,24 @@ def set_dense_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     return layers
 
 
-def set_int8_batches(model: nn.Module, rows: int = BATCH_MIN_ROWS) -> int:
+def int8_batch_rows() -> int:
+    """The rows from which :func:`set_int8_batches` sends products to the int8 kernels by default:
+    ``WIDE_INT8_MIN_ROWS`` on a CPU that runs AVX-512 whole (Zen 5), else ``BATCH_MIN_ROWS``."""
+    return WIDE_INT8_MIN_ROWS if kernels.wide_avx512() else BATCH_MIN_ROWS
+
+
+def set_int8_batches(model: nn.Module, rows: int | None = None) -> int:
     """Run the quantized layers' batches of ``rows`` or more activation rows (decode batches and prefill:
     the dense path is then never taken) as the kernels' int8-activation products, where the CPU has them
     (``kernels.int8_batches``: AVX-512 VNNI or AVX2): x rounded to int8 per 32-block, as llama.cpp does
     throughout (relative error ~5e-3 on a product, against ~5e-5 for the int16 rounding of single rows and
-    ~3e-3 for bf16 GEMMs), for 1.3-3x the int16 kernel's speed; from 16 rows (with AVX2 and int4 weights:
-    from ``rows``) they run as an int8 GEMM; int8 weights on AVX2 without VNNI multiply through llama.cpp's
+    ~3e-3 for bf16 GEMMs), for 1.3-3x the int16 kernel's speed; from ``kernels.gemm_min_rows()`` rows
+    (16, 10 on Zen 5; with AVX2 and int4 weights from ``rows``) they run as an int8 GEMM; int8 weights on AVX2 without VNNI multiply through llama.cpp's
     sign trick (SmolLM2 int8, 2-core Zen 3: batch 16 +22-50%, prefill-512 +32-43% over the int16 kernel).
     ``Llama.load`` does it with ``dtype='auto'`` on such CPUs when the batches have no bf16 tiles; rows=0
-    turns it off (large batches dequantize + GEMM again). Returns the layers switched (0 without batch
-    products)."""
+    turns it off (large batches dequantize + GEMM again), None is :func:`int8_batch_rows`. Returns the
+    layers switched (0 without batch products)."""
+    rows = int8_batch_rows() if rows is None else rows
     if rows and not kernels.int8_batches():
         return 0
     layers = 0

@@ -192,10 +192,11 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     assert (llm.dtype, llm.dense_dtype, llm.kv_dtype) == (torch.float32, torch.bfloat16, torch.float16)
     assert (llm.plan.dtype, llm.plan.kv_dtype) == ("float32", "float16")
     from llamarun import kernels
-    from llamarun.quantize import BATCH_MIN_ROWS
+    from llamarun.quantize import BATCH_MIN_ROWS, int8_batch_rows
 
-    # Batches: the bf16 tiles with AMX, else int8 products (VNNI; AVX2: the int4 layers).
-    assert llm.batch_rows == (BATCH_MIN_ROWS if kernels.bf16_tiles() or kernels.int8_batches() else 0)
+    # Batches: the bf16 tiles with AMX, else int8 products (VNNI; AVX2: the int4 layers; from 2 rows on Zen 5).
+    assert llm.batch_rows == (BATCH_MIN_ROWS if kernels.bf16_tiles() else
+                              int8_batch_rows() if kernels.int8_batches() else 0)
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin. " * 6)
     assert len(prompt) >= 64  # the int4 layers' dense (GEMM) path
     tokens = torch.tensor([prompt])
@@ -238,19 +239,20 @@ def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
 @pytest.mark.skipif(not __import__("llamarun").kernels.int8_batches(), reason="needs int8 batch products")
 def test_batches_use_int8_products_without_bf16(monkeypatch):
     """On a CPU with int8 batch products (VNNI, or AVX2 for int4 weights) and no native bf16 (simulated),
-    dtype 'auto' gives the quantized default model's batches of 6+ rows int8-activation products; their logits stay close to the int16 kernels' (which an
-    explicit float32 keeps), and the generate speed line says which products ran."""
+    dtype 'auto' gives the quantized default model's batches of 6+ rows (2+ on Zen 5) int8-activation
+    products; their logits stay close to the int16 kernels' (which an explicit float32 keeps), and the
+    generate speed line says which products ran."""
     from llamarun import device
-    from llamarun.quantize import BATCH_MIN_ROWS, set_int8_batches
+    from llamarun.quantize import int8_batch_rows, set_int8_batches
 
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
     llm = Llama.load(None)
     assert (llm.dtype, llm.dense_dtype, llm.batch_rows, llm.batch_product) == (
-        torch.float32, torch.float32, BATCH_MIN_ROWS, "int8")
+        torch.float32, torch.float32, int8_batch_rows(), "int8")
     assert Llama.load(None, dtype="float32").batch_rows == 0
     prompt = llm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
     tokens = torch.tensor([prompt] * 2)  # 2 x ~12 rows: over the threshold, under the dense path's
-    assert BATCH_MIN_ROWS <= tokens.numel() < 64
+    assert int8_batch_rows() <= tokens.numel() < 64
     with torch.inference_mode():
         llm.model.setup_cache(2, len(prompt))
         int8 = llm.model(tokens, 0)[0]

@@ -197,9 +197,10 @@ def test_int8_batches_follow_set_int8_batches():
     _skip_without_int8()
     model = torch.nn.Sequential(Q.make_linear(Q.quantize_tensor(_random_weight(64, 128, 5), "int4", 32)))
     layer = model[0]
-    x = torch.randn(Q.BATCH_MIN_ROWS, 128)
+    x = torch.randn(Q.int8_batch_rows(), 128)
     int16 = layer(x)
-    assert Q.set_int8_batches(model) == 1 and layer.batch_rows == Q.BATCH_MIN_ROWS
+    assert Q.set_int8_batches(model) == 1 and layer.batch_rows == Q.int8_batch_rows()
+    assert Q.int8_batch_rows() == (Q.WIDE_INT8_MIN_ROWS if kernels.wide_avx512() else Q.BATCH_MIN_ROWS)
     int8 = layer(x)
     assert not torch.equal(int8, int16)
     assert (int8.double() - _int8_reference(x, layer.qtensor)).abs().max() <= 1e-5 * int8.abs().max()
@@ -222,7 +223,7 @@ def test_set_int8_batches_switches_every_layer():
     model = torch.nn.Sequential(*layers)
     x = torch.randn(2 * Q.DENSE_MIN_ROWS["int8"], 64)
     assert Q.set_int8_batches(model) == 2
-    assert all(m.batch_rows == Q.BATCH_MIN_ROWS and m.dense_min_rows == 1 << 62 for m in layers)
+    assert all(m.batch_rows == Q.int8_batch_rows() and m.dense_min_rows == 1 << 62 for m in layers)
     for layer in layers:
         y = layer(x)
         assert (y.double() - _int8_reference(x, layer.qtensor)).abs().max() <= 1e-5 * y.abs().max()

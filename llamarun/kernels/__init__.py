@@ -235,12 +235,19 @@ def int8_batches() -> bool:
 
 def gemm_min_rows() -> int:
     """Activation rows from which the int8 batch products (``int8_batches``) run as a GEMM rather than row
-    by row: with AVX-512 16, or 10 on a CPU that runs 512-bit instructions at full width (AMD Zen 5), or
-    ``LLAMARUN_GEMM_MIN_ROWS``; with AVX2 every batch (1); 0 without int8 batch products (see qlinear.cpp's
+    by row: with AVX-512 16, or 10 on a CPU that runs 512-bit instructions at full width (:func:`wide_avx512`),
+    or ``LLAMARUN_GEMM_MIN_ROWS``; with AVX2 every batch (1); 0 without int8 batch products (see qlinear.cpp's
     ``gemm_min_rows``)."""
     if not int8_batches():
         return 0
     return int(torch.ops.llamarun.gemm_min_rows()) if torch.ops.llamarun.simd_level() >= 3 else 1
+
+
+def wide_avx512() -> bool:
+    """True if the kernels run AVX-512 on a core that executes 512-bit instructions whole (AMD Zen 5 and
+    later; see qlinear.cpp's ``wide_avx512``): their int8 products then take batches from fewer rows
+    (``quantize.int8_batch_rows``, :func:`gemm_min_rows`)."""
+    return available() and torch.ops.llamarun.simd_level() >= 3 and bool(torch.ops.llamarun.wide_avx512())
 
 
 def set_num_threads(n: int | None) -> int:

@@ -693,10 +693,16 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i idx0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(4));
+  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / (K / 2));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * (K / 2);
     const uint16_t* sc = S + n * ng;
     const uint16_t* mn = Z + n * ng;
+    if (n + ahead < N) {
+      prefetch_weight_row(w + ahead * (K / 2), K / 2);
+      prefetch_weight_row(sc + ahead * ng, 2 * ng);
+      prefetch_weight_row(mn + ahead * ng, 2 * ng);
+    }
     __m512 acc[R], csz[R];
     __m256 macc[R];
     for (int r = 0; r < R; ++r) {
@@ -745,9 +751,14 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
   for (int k = 0; k < 4; ++k)
     idx[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
   const __m256 m128 = _mm256_set1_ps(-128.0f);
+  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / K);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     const uint16_t* sc = S + n * ng;
+    if (n + ahead < N) {
+      prefetch_weight_row(w + ahead * K, K);
+      prefetch_weight_row(sc + ahead * ng, 2 * ng);
+    }
     __m512 acc[R], csz[R];
     __m256 macc[R];
     for (int r = 0; r < R; ++r) {
@@ -778,26 +789,35 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
 }
 #endif  // LLAMARUN_AVX512
 
-// Where the int8 GEMM below takes over from the row kernels (AVX-512). A tile costs the same at any row
-// count (empty lanes are computed too) while a row kernel's cost grows with every row, so the crossing
-// depends on how wide the core runs 512-bit instructions. Zen 4 splits them in two halves: there the GEMM
-// draws level near 16 rows (at 16: 0.55-0.8x the row kernels' time). Zen 5 (AMD family 0x1A) runs them
-// whole and the GEMM is ahead from 10 rows: SmolLM2 decode at batch 10/12/14 with the GEMM 1002-1188/
-// 1130-1390/1225-1568 tok/s, with the row kernels 959-993/1016-1046/950-1054 (at 6-8 rows the row kernels
-// lead by 5-30%). Intel's AVX-512 CPUs were not measured: 16. LLAMARUN_GEMM_MIN_ROWS overrides it (for
-// measuring another CPU's crossing).
-int64_t gemm_min_rows() {
-  static const int64_t rows = [] {
-    if (const char* env = std::getenv("LLAMARUN_GEMM_MIN_ROWS")) return std::max<int64_t>(1, std::atoll(env));
+// Whether the CPU runs 512-bit instructions at full width, as one operation: AMD Zen 5 (family 0x1A) and
+// later. Zen 4 splits them in two halves; Intel's AVX-512 CPUs were not measured with what depends on
+// this (gemm_min_rows below; quantize.int8_batch_rows on the Python side) and answer false.
+bool wide_avx512() {
+  static const bool wide = [] {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) && ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163 &&
         __get_cpuid(1, &eax, &ebx, &ecx, &edx)) {  // "AuthenticAMD"; then the family, extended when 0xF
       const unsigned base = (eax >> 8) & 0xF, family = base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
-      if (family >= 0x1A) return int64_t{10};
+      return family >= 0x1A;
     }
 #endif
-    return int64_t{16};
+    return false;
+  }();
+  return wide;
+}
+
+// Where the int8 GEMM below takes over from the row kernels (AVX-512). A tile costs the same at any row
+// count (empty lanes are computed too) while a row kernel's cost grows with every row, so the crossing
+// depends on how wide the core runs 512-bit instructions. On Zen 4, which splits them, the GEMM drew level
+// near 16 rows (at 16: 0.55-0.8x the row kernels' time). On Zen 5 the GEMM leads from 10 rows: SmolLM2
+// decode at batch 10/12/14 with the GEMM 1002-1188/1130-1390/1225-1568 tok/s, with the row kernels
+// 959-993/1016-1046/950-1054 (at 6-8 rows the row kernels lead by 5-30%). LLAMARUN_GEMM_MIN_ROWS
+// overrides it (for measuring another CPU's crossing).
+int64_t gemm_min_rows() {
+  static const int64_t rows = [] {
+    if (const char* env = std::getenv("LLAMARUN_GEMM_MIN_ROWS")) return std::max<int64_t>(1, std::atoll(env));
+    return wide_avx512() ? int64_t{10} : int64_t{16};
   }();
   return rows;
 }
@@ -1977,6 +1997,7 @@ TORCH_LIBRARY(LLAMARUN_OPS_NS, m) {
   m.def("quantize_int4(Tensor w, int group_size, int steps) -> Tensor[]");
   m.def("simd_level() -> int", &simd_level);
   m.def("gemm_min_rows() -> int", &gemm_min_rows);
+  m.def("wide_avx512() -> bool", &wide_avx512);
   m.def("set_num_threads(int n) -> int", &set_num_threads);
   m.def("set_spin_us(int us) -> int", &set_spin_us);
 }
