@@ -364,8 +364,17 @@ void rows_linear(const float* X, const W* Wt, float* Y, int64_t M, int64_t N, in
       }
     }
 #endif
-    for (; n < n1; ++n)
+    // The weight row ~4 KB ahead is prefetched, as in the quantized row kernels (qlinear.cpp).
+    const int64_t ahead = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(W))));
+    for (; n < n1; ++n) {
+#ifdef FUSED_AVX2
+      if (n + ahead < N) {
+        const char* p = reinterpret_cast<const char*>(Wt + (n + ahead) * K);
+        for (int64_t i = 0; i < K * static_cast<int64_t>(sizeof(W)); i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+      }
+#endif
       for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot(X + m * K, Wt + n * K, K);
+    }
   });
 }
 
