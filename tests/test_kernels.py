@@ -8,6 +8,7 @@ activation rounding.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -187,6 +188,19 @@ def test_int8_gemm_agrees_with_the_row_kernel(mode, n, k, g):
     step = 8 if g == 1 else min(8, g - 1)  # row kernel chunks below the GEMM's threshold (AVX2: half tiles)
     rows = torch.cat([op(x[i : i + step], *args[:-1], 1) for i in range(0, 37, step)])
     assert (gemm - rows).abs().max() <= 1e-6 * rows.abs().max()
+
+
+@needs_int8
+def test_gemm_threshold_can_be_overridden():
+    """LLAMARUN_GEMM_MIN_ROWS moves where the AVX-512 int8 products turn into the GEMM (read once per
+    process: a fresh one here); a value that is not a positive count is ignored."""
+    if kernels.gemm_min_rows() == 1:
+        pytest.skip("AVX2: the GEMM takes every batch")
+    code = "from llamarun import kernels; print(kernels.gemm_min_rows())"
+    for value, want in (("12", 12), ("abc", kernels.gemm_min_rows()), ("0", kernels.gemm_min_rows())):
+        env = {**os.environ, "LLAMARUN_GEMM_MIN_ROWS": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert int(out.stdout) == want, value
 
 
 @needs_int8

@@ -816,7 +816,11 @@ bool wide_avx512() {
 // overrides it (for measuring another CPU's crossing).
 int64_t gemm_min_rows() {
   static const int64_t rows = [] {
-    if (const char* env = std::getenv("LLAMARUN_GEMM_MIN_ROWS")) return std::max<int64_t>(1, std::atoll(env));
+    if (const char* env = std::getenv("LLAMARUN_GEMM_MIN_ROWS")) {  // a positive count; anything else: ignored
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && v > 0) return static_cast<int64_t>(v);
+    }
     return wide_avx512() ? int64_t{10} : int64_t{16};
   }();
   return rows;
