@@ -133,9 +133,8 @@ def _kernel_helpers_asleep(t: torch.Tensor) -> Iterator[None]:
     (a CPU step whose products are torch's GEMMs: a prefill, or a decode batch, with float weights). There
     torch's OpenMP workers and the kernels' pool (norms, RoPE, attention) take turns, and a spinning helper
     held a core that an OpenMP worker was waiting for. SmolLM2 with bf16 weights, Zen 5, 2 cores:
-    prefill-512 1668-1825 -> 2073-2241 tok/s, decode batch 8 315-373 -> 432-512, batch 16 556-613 ->
-    669-684 (its threads had waited for a CPU 35-66% of the time, then 14-18%); float32 prefill-512 700-719
-    -> 760-766."""
+    prefill-512 1668-1825 -> 2073-2241 tok/s, decode batch 8 315-373 -> 514, batch 16 556-613 -> 760 (its
+    threads had waited for a CPU 35-66% of the time, then 14-19%); float32 prefill-512 700-719 -> 760-776."""
     from . import kernels
 
     if not t.is_cpu or torch.get_num_threads() == 1 or not kernels.available():

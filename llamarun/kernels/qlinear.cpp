@@ -374,12 +374,11 @@ inline __m256 group_values8(const uint16_t* h, int64_t b0, int n, int64_t bpg, c
 }
 #endif
 
-// y[m0 + r, n] for weight rows n in [n0, n1) and activation rows m0 .. m0+R-1.
-// The int16 row kernels (decode: 1-5 activation rows) prefetch the weight row ~4 KB ahead of the one in hand,
+// The row kernels (decode steps and small batches) prefetch the weight row ~4 KB ahead of the one in hand,
 // with its scales (and mins). A pool chunk is 16-32 KB of rows plus their scale rows: short streams, on
 // which the hardware prefetcher ramps up late, and SmolLM2's layers are 0.2-1.1 MB. At one row on Zen 5,
 // weights streamed from memory: wqkv, wo, w13, w2 0.76-0.92x the time (1, 2, 4, 8 and 16 KB ahead tried;
-// 4-8 KB best), the output layer 0.87x.
+// 4-8 KB best), the output layer 0.87x; the int8-activation kernels 0.74-0.83x.
 constexpr int64_t PREFETCH_AHEAD = 4096;
 
 inline void prefetch_weight_row(const void* row, int64_t bytes) {
@@ -389,6 +388,7 @@ inline void prefetch_weight_row(const void* row, int64_t bytes) {
 #endif
 }
 
+// y[m0 + r, n] for weight rows n in [n0, n1) and activation rows m0 .. m0+R-1.
 template <int R>
 void q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const QuantizedActivations& a, int64_t m0,
              int64_t n0, int64_t n1, float* y, int64_t N) {
