@@ -506,8 +506,21 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
         for (int64_t j = 0; j < D; ++j) q[j] *= scale;
         int64_t t = 0;
 #ifdef FUSED_AVX2
+        // The first query head reads the chunk from memory (the others find it in cache): its keys ~4 KB
+        // ahead and the values of the positions in hand are prefetched, so that weighted_sum finds them too.
+        const bool first = h == g * G;
+        const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T)), ahead = std::max<int64_t>(8, 4096 / row_bytes);
         if (D % 8 == 0)
-          for (; t + 8 <= len; t += 8) _mm256_storeu_ps(p.data() + t, dot8(q.data(), kc + t * D, D));
+          for (; t + 8 <= len; t += 8) {
+            if (first) {
+              const char* pk = reinterpret_cast<const char*>(kc + (t + ahead) * D);
+              const char* pv = reinterpret_cast<const char*>(vc + t * D);
+              if (t + ahead + 8 <= len)
+                for (int64_t i = 0; i < 8 * row_bytes; i += 64) _mm_prefetch(pk + i, _MM_HINT_T0);
+              for (int64_t i = 0; i < 8 * row_bytes; i += 64) _mm_prefetch(pv + i, _MM_HINT_T0);
+            }
+            _mm256_storeu_ps(p.data() + t, dot8(q.data(), kc + t * D, D));
+          }
 #endif
         for (; t < len; ++t) p[t] = dot(q.data(), kc + t * D, D);
         const float max = *std::max_element(p.begin(), p.begin() + len);
