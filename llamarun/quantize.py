@@ -830,8 +830,9 @@ def set_int8_batches(model: nn.Module, rows: int | None = None) -> int:
     (``kernels.int8_batches``: AVX-512 VNNI or AVX2): x rounded to int8 per 32-block, as llama.cpp does
     throughout (relative error ~5e-3 on a product, against ~5e-5 for the int16 rounding of single rows and
     ~3e-3 for bf16 GEMMs), for 1.3-3x the int16 kernel's speed; from ``kernels.gemm_min_rows()`` rows
-    (16, 10 on Zen 5; with AVX2 and int4 weights from ``rows``) they run as an int8 GEMM; int8 weights on AVX2 without VNNI multiply through llama.cpp's
-    sign trick (SmolLM2 int8, 2-core Zen 3: batch 16 +22-50%, prefill-512 +32-43% over the int16 kernel).
+    (16, 10 on Zen 5; with AVX2 and int4 weights from ``rows``) they run as an int8 GEMM; int8 weights on
+    AVX2 without VNNI multiply through llama.cpp's sign trick (SmolLM2 int8, 2-core Zen 3: batch 16
+    +22-50%, prefill-512 +32-43% over the int16 kernel).
     ``Llama.load`` does it with ``dtype='auto'`` on such CPUs when the batches have no bf16 tiles; rows=0
     turns it off (large batches dequantize + GEMM again), None is :func:`int8_batch_rows`. Returns the
     layers switched (0 without batch products)."""

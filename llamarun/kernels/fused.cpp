@@ -364,15 +364,11 @@ void rows_linear(const float* X, const W* Wt, float* Y, int64_t M, int64_t N, in
       }
     }
 #endif
-    // The weight row ~4 KB ahead is prefetched, as in the quantized row kernels (qlinear.cpp).
-    const int64_t ahead = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K * static_cast<int64_t>(sizeof(W))));
+    // The weight row kPrefetchAhead bytes ahead is prefetched, as in the quantized row kernels (qlinear.cpp).
+    const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchAhead / std::max<int64_t>(1, row_bytes));
     for (; n < n1; ++n) {
-#ifdef FUSED_AVX2
-      if (n + ahead < N) {
-        const char* p = reinterpret_cast<const char*>(Wt + (n + ahead) * K);
-        for (int64_t i = 0; i < K * static_cast<int64_t>(sizeof(W)); i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
-      }
-#endif
+      if (n + ahead < N) prefetch_bytes(Wt + (n + ahead) * K, row_bytes);
       for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot(X + m * K, Wt + n * K, K);
     }
   });
@@ -506,18 +502,17 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
         for (int64_t j = 0; j < D; ++j) q[j] *= scale;
         int64_t t = 0;
 #ifdef FUSED_AVX2
-        // The first query head reads the chunk from memory (the others find it in cache): its keys ~4 KB
-        // ahead and the values of the positions in hand are prefetched, so that weighted_sum finds them too.
+        // The first query head reads the chunk from memory (the others find it in cache): its keys
+        // kPrefetchAhead bytes ahead and the values of the positions in hand are prefetched, so that
+        // weighted_sum finds them too.
         const bool first = h == g * G;
-        const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T)), ahead = std::max<int64_t>(8, 4096 / row_bytes);
+        const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+        const int64_t ahead = std::max<int64_t>(8, kPrefetchAhead / row_bytes);
         if (D % 8 == 0)
           for (; t + 8 <= len; t += 8) {
             if (first) {
-              const char* pk = reinterpret_cast<const char*>(kc + (t + ahead) * D);
-              const char* pv = reinterpret_cast<const char*>(vc + t * D);
-              if (t + ahead + 8 <= len)
-                for (int64_t i = 0; i < 8 * row_bytes; i += 64) _mm_prefetch(pk + i, _MM_HINT_T0);
-              for (int64_t i = 0; i < 8 * row_bytes; i += 64) _mm_prefetch(pv + i, _MM_HINT_T0);
+              if (t + ahead + 8 <= len) prefetch_bytes(kc + (t + ahead) * D, 8 * row_bytes);
+              prefetch_bytes(vc + t * D, 8 * row_bytes);
             }
             _mm256_storeu_ps(p.data() + t, dot8(q.data(), kc + t * D, D));
           }

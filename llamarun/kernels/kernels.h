@@ -34,6 +34,19 @@ inline void transpose8_epi32(const __m256i r[8], __m256i out[8]) {
 }
 #endif
 
+// How far ahead of the row in hand the kernels prefetch what they stream (weights, a KV cache's chunk): a
+// thread's share of a product is 16-32 KB of rows, short streams the hardware prefetcher picks up late
+// (measurements: qlinear.cpp's row kernels, q8_direct_op, fused.cpp's rows_linear and attn_decode).
+constexpr int64_t kPrefetchAhead = 4096;
+
+// [p, p + bytes) into L1, a cache line at a time (nothing without AVX2's headers).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+#if defined(__AVX2__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+#endif
+}
+
 // Run body(begin, end) over [0, n) in chunks of at least `grain` items, on the calling thread and the
 // pool's helpers (at most llamarun.set_num_threads / torch.set_num_threads threads in all).
 void parallel_rows(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& body);

@@ -374,19 +374,13 @@ inline __m256 group_values8(const uint16_t* h, int64_t b0, int n, int64_t bpg, c
 }
 #endif
 
-// The row kernels (decode steps and small batches) prefetch the weight row ~4 KB ahead of the one in hand,
-// with its scales (and mins). A pool chunk is 16-32 KB of rows plus their scale rows: short streams, on
-// which the hardware prefetcher ramps up late, and SmolLM2's layers are 0.2-1.1 MB. At one row on Zen 5,
-// weights streamed from memory: wqkv, wo, w13, w2 0.76-0.92x the time (1, 2, 4, 8 and 16 KB ahead tried;
-// 4-8 KB best), the output layer 0.87x; the int8-activation kernels 0.74-0.83x.
-constexpr int64_t PREFETCH_AHEAD = 4096;
-
-inline void prefetch_weight_row(const void* row, int64_t bytes) {
-#ifdef LLAMARUN_AVX2
-  const char* p = static_cast<const char*>(row);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
-#endif
-}
+// The row kernels (decode steps and small batches) prefetch the weight row kPrefetchAhead bytes ahead of the
+// one in hand, with its scales (and mins). A pool chunk is 16-32 KB of rows plus their scale rows: short
+// streams, on which the hardware prefetcher ramps up late, and SmolLM2's layers are 0.2-1.1 MB. At one row
+// on Zen 5, weights streamed from memory: wqkv, wo, w13, w2 0.76-0.92x the time (1, 2, 4, 8 and 16 KB ahead
+// tried; 4-8 KB best), the output layer 0.87x; the int8-activation kernels 0.74-0.83x.
+using llamarun_kernels::kPrefetchAhead;
+using llamarun_kernels::prefetch_bytes;
 
 // y[m0 + r, n] for weight rows n in [n0, n1) and activation rows m0 .. m0+R-1.
 template <int R>
@@ -400,13 +394,13 @@ void q8_rows(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const Qua
     xq[r] = a.q.data() + (m0 + r) * K;
     xd[r] = a.d.data() + (m0 + r) * nbp;
   }
-  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / K);
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchAhead / K);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     const uint16_t* sc = S + n * ng;
     if (n + ahead < N) {
-      prefetch_weight_row(w + ahead * K, K);
-      prefetch_weight_row(sc + ahead * ng, 2 * ng);
+      prefetch_bytes(w + ahead * K, K);
+      prefetch_bytes(sc + ahead * ng, 2 * ng);
     }
 #ifdef LLAMARUN_AVX2
     constexpr int U = R <= 2 ? 2 : 1;
@@ -488,15 +482,15 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
   for (int k = 0; k < 4; ++k)
     pidx[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
 #endif
-  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / (K / 2));
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchAhead / (K / 2));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * (K / 2);
     const uint16_t* sc = S + n * ng;
     const uint16_t* mn = Z + n * ng;
     if (n + ahead < N) {
-      prefetch_weight_row(w + ahead * (K / 2), K / 2);
-      prefetch_weight_row(sc + ahead * ng, 2 * ng);
-      prefetch_weight_row(mn + ahead * ng, 2 * ng);
+      prefetch_bytes(w + ahead * (K / 2), K / 2);
+      prefetch_bytes(sc + ahead * ng, 2 * ng);
+      prefetch_bytes(mn + ahead * ng, 2 * ng);
     }
 #ifdef LLAMARUN_AVX2
     constexpr int U = R <= 2 ? 2 : 1;
@@ -693,15 +687,15 @@ void q4_rows_i8(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t 
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i idx0 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(4));
-  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / (K / 2));
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchAhead / (K / 2));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * (K / 2);
     const uint16_t* sc = S + n * ng;
     const uint16_t* mn = Z + n * ng;
     if (n + ahead < N) {
-      prefetch_weight_row(w + ahead * (K / 2), K / 2);
-      prefetch_weight_row(sc + ahead * ng, 2 * ng);
-      prefetch_weight_row(mn + ahead * ng, 2 * ng);
+      prefetch_bytes(w + ahead * (K / 2), K / 2);
+      prefetch_bytes(sc + ahead * ng, 2 * ng);
+      prefetch_bytes(mn + ahead * ng, 2 * ng);
     }
     __m512 acc[R], csz[R];
     __m256 macc[R];
@@ -751,13 +745,13 @@ void q8_rows_i8(const int8_t* W, const uint16_t* S, int64_t K, int64_t G, const 
   for (int k = 0; k < 4; ++k)
     idx[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * k)), _mm256_set1_epi32(2 * k + 1), 1);
   const __m256 m128 = _mm256_set1_ps(-128.0f);
-  const int64_t ahead = std::max<int64_t>(1, PREFETCH_AHEAD / K);
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchAhead / K);
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* w = W + n * K;
     const uint16_t* sc = S + n * ng;
     if (n + ahead < N) {
-      prefetch_weight_row(w + ahead * K, K);
-      prefetch_weight_row(sc + ahead * ng, 2 * ng);
+      prefetch_bytes(w + ahead * K, K);
+      prefetch_bytes(sc + ahead * ng, 2 * ng);
     }
     __m512 acc[R], csz[R];
     __m256 macc[R];
@@ -973,8 +967,7 @@ void group_values_rows8(const uint16_t* const row[8], int64_t nb, int64_t bpg, f
 inline void prefetch_rows8(const void* base, int64_t row_bytes, int64_t n0, int64_t N) {
   const int64_t rows = std::min<int64_t>(8, N - n0);
   if (rows <= 0) return;
-  const char* p = static_cast<const char*>(base) + n0 * row_bytes;
-  for (int64_t b = 0; b < rows * row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  prefetch_bytes(static_cast<const char*>(base) + n0 * row_bytes, rows * row_bytes);
 }
 
 // Rows n0..n0+7 of an int4 weight (rows past N: zeros) into g. A block of a row is 16 bytes, byte i holding
@@ -1599,7 +1592,7 @@ at::Tensor q8_direct_op(const at::Tensor& x, const int8_t* W, const uint16_t* S,
   // Weight rows ~4 KB ahead are prefetched: the pair of rows in hand is two short streams, which the hardware
   // prefetcher leaves to memory latency at 8 rows (SmolLM2's int8 layers in turn, weights from memory, 8
   // rows: 0.98-1.04x the int16 kernel without, 1.07-1.26x with; 2 and 8 KB ahead alike).
-  const int64_t PF = std::max<int64_t>(2, 4096 / std::max<int64_t>(1, K)) & ~int64_t{1};
+  const int64_t PF = std::max<int64_t>(2, kPrefetchAhead / std::max<int64_t>(1, K)) & ~int64_t{1};
   return tiled_op(x, N, K, [&](const Int8Tiles& a, int64_t M, float* Y) {
     const int64_t nb = K / QK, ng = K / G, bpg = G / QK;
     const int64_t grain = std::max<int64_t>(2, (1 << 18) / std::max<int64_t>(1, M * K)) & ~int64_t{1};
@@ -1608,10 +1601,7 @@ at::Tensor q8_direct_op(const at::Tensor& x, const int8_t* W, const uint16_t* S,
       for (int64_t n = n0; n < n1; n += 2) {
         const bool two_rows = n + 1 < n1;  // a lone last row is computed twice, stored once
         const int64_t n_1 = two_rows ? n + 1 : n;
-        if (n + PF + 2 <= n1) {
-          const char* p = reinterpret_cast<const char*>(W + (n + PF) * K);
-          for (int64_t i = 0; i < 2 * K; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
-        }
+        if (n + PF + 2 <= n1) prefetch_bytes(W + (n + PF) * K, 2 * K);
         for (int64_t t = 0; t < a.tiles; ++t) {
           const int lanes = static_cast<int>(std::min<int64_t>(16, M - t * 16));
           const uint8_t* xq = reinterpret_cast<const uint8_t*>(a.q.data() + t * nb * 8 * 16);
