@@ -27,8 +27,6 @@ from .model import Attention, FeedForward, RMSNorm, Transformer
 from .quantize import QuantizedLinear
 
 _BITS = {"int8": 8, "int4": 4}  # decode_layers' code for each quantized linear layer's kernel
-F32_POOL_ROWS = 4  # f32_linear keeps up to this many rows in the kernels' pool (fused.cpp's kF32PoolRows)
-WIDEN_ROWS = 32  # ... and a bfloat16 weight up to this many without native bf16 (kWidenRows)
 
 
 def _cpu_f32(x: torch.Tensor) -> bool:
@@ -175,10 +173,8 @@ def torch_gemm_rows(model: nn.Module) -> int:
     lin = getattr(getattr(getattr(model, "layers", [None])[0], "feed_forward", None), "w13", None)
     if isinstance(lin, QuantizedLinear):
         return lin.dense_min_rows
-    if type(lin) is Bf16Linear:
-        return (F32_POOL_ROWS if kernels.bf16_gemm() else WIDEN_ROWS) + 1
-    if type(lin) is FastLinear:
-        return F32_POOL_ROWS + 1
+    if type(lin) in (Bf16Linear, FastLinear):
+        return kernels.f32_pool_rows(type(lin) is Bf16Linear) + 1
     return 1
 
 

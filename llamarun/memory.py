@@ -422,12 +422,14 @@ def override_bytes(args: ModelArgs, mode: str, layer_modes: dict[str, str], laye
 
 
 def quantized_bytes(n: int, k: int, mode: str, group_size: int | None = None) -> int:
-    """Bytes of one [n, k] weight in llamarun's int8 / int4 formats (see llamarun.quantize)."""
+    """Bytes of one [n, k] weight in llamarun's int8 / int4 formats (see llamarun.quantize), with the group
+    size the quantizer takes for it (``group_size``, else the default: 32)."""
+    from .quantize import fit_group_size
+
+    g = fit_group_size(mode, k, group_size)
     if mode == "int8":
-        g = group_size or k
-        return n * k + n * (k // g) * 2
-    g = group_size or 32
-    return n * k // 2 + 2 * n * (k // g) * 2
+        return n * k + n * (k // g) * 2  # int8 values, a float16 scale per group
+    return n * k // 2 + 2 * n * (k // g) * 2  # two 4-bit values a byte, a float16 scale and minimum per group
 
 
 def layer_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None) -> int:
@@ -438,20 +440,25 @@ def layer_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | 
     return sum(quantized_bytes(n, k, mode, group_size) for n, k in linear_shapes(args)) + norms
 
 
-def edge_bytes(args: ModelArgs, mode: str, dtype_bytes: int, embedding_mode: str = "int8") -> int:
+def edge_bytes(args: ModelArgs, mode: str, dtype_bytes: int, embedding_mode: str = "int8",
+               group_size: int | None = None) -> int:
     """Embedding, output layer and final norm: float when mode is 'none', else the output layer int8 and an
-    untied embedding in ``embedding_mode`` (a tied one shares the output's table)."""
+    untied embedding in ``embedding_mode`` (a tied one shares the output's table). ``group_size`` is the
+    layers': the output's and the embedding's too where they are in the layers' ``mode``, as
+    ``quantize.build_quantized_model`` makes them."""
     table = args.vocab_size * args.dim
     if mode == "none":
         return table * dtype_bytes * (1 if args.tie_embeddings else 2) + args.dim * dtype_bytes
-    embedding = 0 if args.tie_embeddings else quantized_bytes(args.vocab_size, args.dim, embedding_mode)
-    return quantized_bytes(args.vocab_size, args.dim, "int8") + embedding + args.dim * dtype_bytes
+    embedding = 0 if args.tie_embeddings else quantized_bytes(args.vocab_size, args.dim, embedding_mode,
+                                                              group_size if embedding_mode == mode else None)
+    output = quantized_bytes(args.vocab_size, args.dim, "int8", group_size if mode == "int8" else None)
+    return output + embedding + args.dim * dtype_bytes
 
 
 def weight_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int | None = None,
                  embedding_mode: str = "int8") -> int:
     return (args.n_layers * layer_bytes(args, mode, dtype_bytes, group_size)
-            + edge_bytes(args, mode, dtype_bytes, embedding_mode))
+            + edge_bytes(args, mode, dtype_bytes, embedding_mode, group_size))
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
@@ -652,8 +659,8 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     elif native_mode != "none":
         order = [(native_mode, layer_modes or {})] + [(m, {}) for m in ("int8", "int4") if m != native_mode]
         if layer_modes:
-            plan.weights[f"{native_mode}+int8"] = (weight_bytes(args, native_mode, nbytes, group_size, embedding_mode)
-                                                   + override_bytes(args, native_mode, layer_modes, range(args.n_layers)))
+            kept = override_bytes(args, native_mode, layer_modes, range(args.n_layers), group_size)
+            plan.weights[f"{native_mode}+int8"] = weight_bytes(args, native_mode, nbytes, group_size, embedding_mode) + kept
             order.insert(1, (native_mode, {}))
     else:
         order = [("none", {}), ("int8", {}), ("int4", {})]
@@ -663,7 +670,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
         plan.quantize, plan.offload_layers, plan.layer_modes = mode, n_cpu, dict(modes or {})
         on_dev = args.n_layers - n_cpu
         plan.weights_on_device = (on_dev * layer_bytes(args, mode, nbytes, group_size)
-                                  + edge_bytes(args, mode, nbytes, embedding_mode)
+                                  + edge_bytes(args, mode, nbytes, embedding_mode, group_size)
                                   + override_bytes(args, mode, plan.layer_modes, range(on_dev), group_size))
         plan.kv_cache = full_kv * on_dev // args.n_layers
         # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
@@ -696,7 +703,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                              ("" if device.type == "cpu" else ", or more --offload-layers"))
     # An accelerator: keep as many layers as fit on it, the rest on the CPU.
     per_layer = layer_bytes(args, mode, nbytes, group_size) + full_kv // args.n_layers
-    room = avail - edge_bytes(args, mode, nbytes, embedding_mode) - plan.activations - plan.overhead
+    room = avail - edge_bytes(args, mode, nbytes, embedding_mode, group_size) - plan.activations - plan.overhead
     on_dev = max(0, min(args.n_layers - 1, room // per_layer))
     choose(mode, args.n_layers - on_dev)
     if on_dev == 0:

@@ -995,7 +995,7 @@ def _build_quantized_model(ckpt: Any, mode: str, device: torch.device, dtype: to
     else:
         _check_mode(embedding_mode)
         qt = load_quantized_weight(ckpt, "tok_embeddings.weight", (args.vocab_size, args.dim), embedding_mode,
-                                   out_gs if embedding_mode == mode else None)
+                                   group_size if embedding_mode == mode else None)
         model.tok_embeddings = QuantizedEmbedding(make_linear(qt.to(device)), tied=False, dtype=dtype)
     load_parameters(model, ckpt, device, dtype, max_seq_len)  # what is left: the norms
     return model.eval()

@@ -619,10 +619,12 @@ def test_kernel_helpers_sleep_through_steps_of_torch_gemms():
     an OpenMP worker waited for); the spin is restored after each such step, and batch-1 decode steps, which
     stay in the pool, keep it. A model whose products are all the kernels' (int8 batches) is left alone."""
     from llamarun import kernels
-    from llamarun.fastpath import F32_POOL_ROWS, torch_gemm_rows
+    from llamarun.fastpath import torch_gemm_rows
 
     llm = Llama.load(None, dtype="float32", quantize="none")
-    assert torch_gemm_rows(llm.model) == F32_POOL_ROWS + 1
+    pool_rows = kernels.f32_pool_rows(False)
+    assert pool_rows == 4 and kernels.f32_pool_rows(True) == (4 if kernels.bf16_gemm() else 32)
+    assert torch_gemm_rows(llm.model) == pool_rows + 1
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     seen = []
@@ -633,7 +635,7 @@ def test_kernel_helpers_sleep_through_steps_of_torch_gemms():
         llm.generate([prompt], 3, temperature=0)
         assert seen == [0, 77, 77]  # the prefill, then two batch-1 decode steps
         seen.clear()
-        llm.generate([prompt] * (F32_POOL_ROWS + 1), 3, temperature=0)
+        llm.generate([prompt] * (pool_rows + 1), 3, temperature=0)
         assert seen == [0, 0, 0] and kernels.set_spin_us(77) == 77
         if kernels.int8_batches():
             quantized = Llama.load(None)

@@ -134,6 +134,32 @@ def test_plan_is_honest_for_the_default_model(quantize):
     assert 0.85 <= ratio <= 1.15
 
 
+@pytest.mark.parametrize("quantize,group_size", [("auto", None), ("auto", 64), ("int8", None), ("int8", 128),
+                                                 ("int4", 128)])
+def test_plan_counts_the_weights_byte_for_byte(tmp_path, quantize, group_size):
+    """The plan's weights are the bytes the loaded model holds (the rotary table aside): int8 layers with
+    their default 32-wide groups, ``--group-size`` for the layers, for the output layer where it is in the
+    layers' mode and for an untied embedding stored in 4 bits (kept int4, at the layers' group size when they
+    are int4 too)."""
+    import gguf
+
+    from llamarun.generation import Llama
+    from llamarun.quantize import model_nbytes
+    from test_cli import write_tiny_gguf
+
+    T = gguf.GGMLQuantizationType
+    raw = {f"blk.0.{n}.weight": T.Q4_K for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                 "ffn_down")}
+    raw.update({"token_embd.weight": T.Q4_K, "output.weight": T.Q6_K})
+    path = write_tiny_gguf(tmp_path / "u.gguf", dim=256, hidden=512, raw_types=raw, untied=True)
+    llm = Llama.load(path, quantize=quantize, group_size=group_size, max_seq_len=32)
+    emb = llm.model.tok_embeddings.source
+    assert emb.mode == "int4"  # as stored, whatever the layers' mode
+    assert emb.group_size == (group_size or 32 if quantize != "int8" else 32)
+    rope = llm.model.rope.numel() * llm.model.rope.element_size()
+    assert model_nbytes(llm.model) - rope == llm.plan.weights_on_device
+
+
 def write_random_quantized_gguf(path, args, qtype, vocab_dir) -> None:
     """A llama GGUF of ``args``'s shape whose weights are random Q8_0 / Q4_0 blocks, streamed to disk one
     tensor at a time (no float copy of the model ever exists), with Meta's Llama 2 vocabulary."""

@@ -396,6 +396,12 @@ def test_q4_k_m_style_file_keeps_its_q6_k_modules_as_int8(tmp_path, capsys):
     tight = make_plan(ckpt.args, cpu, torch.float32, max_seq_len=32, memory=full.total - 1, **native)
     assert tight.label == "int4" and tight.layer_modes == {} and tight.total <= full.total - 1
     assert "int4+int8 needs" in tight.reason and "but for its modules of more than 4 bits" in tight.reason
+    # With --group-size the table's int4+int8 entry and the chosen plan still agree, byte for byte with the model.
+    full64 = make_plan(ckpt.args, cpu, torch.float32, max_seq_len=32, memory=1 << 40, group_size=64, **native)
+    assert full64.label == "int4+int8" and full64.weights["int4+int8"] == full64.weights_on_device
+    llm64 = Llama.load(path, group_size=64, max_seq_len=32)
+    rope = llm64.model.rope.numel() * llm64.model.rope.element_size()
+    assert Q.model_nbytes(llm64.model) - rope == llm64.plan.weights_on_device == full64.weights_on_device
     plan = json.loads(run_cli_in_process(["plan", str(path), "--json"], capsys).stdout)
     assert plan["choice"] == "int4+int8" and plan["layer_modes"] == mixed
 

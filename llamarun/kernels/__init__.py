@@ -224,6 +224,12 @@ def bf16_gemm() -> bool:
     return available() and bool(torch.ops.llamarun.bf16_gemm())
 
 
+def f32_pool_rows(bf16_weight: bool) -> int:
+    """The most activation rows ``f32_linear`` runs in the kernels' pool for a bfloat16 (or float32)
+    weight; more go to torch's GEMMs (0 without the kernels)."""
+    return int(torch.ops.llamarun.f32_pool_rows(bool(bf16_weight))) if available() else 0
+
+
 def int8_batches() -> bool:
     """True if the kernels have int8-activation products for batches of int4 and int8 weights (see
     ``quantize.set_int8_batches``): with AVX-512 VNNI, and with AVX2 (vpmaddubsw: the 4-bit weights as its

@@ -301,6 +301,10 @@ constexpr bool kNativeBf16 = false;
 
 bool bf16_gemm() { return kNativeBf16; }
 
+// The most rows of x that f32_linear keeps in the pool for a weight of that dtype (bfloat16 or float32);
+// more go to torch's GEMMs (fastpath.torch_gemm_rows reads it).
+int64_t f32_pool_rows(bool bf16_weight) { return bf16_weight && !kNativeBf16 ? kWidenRows : kF32PoolRows; }
+
 // x [M, K] @ w [N, K]^T for a bfloat16 w on a CPU without native bf16: w's rows widened in tiles (~4 MiB of
 // float32), each tile's product written straight into its columns of y (BLAS takes y's row stride).
 at::Tensor widened_linear(const at::Tensor& x, const at::Tensor& w, int64_t M, int64_t N, int64_t K) {
@@ -381,7 +385,7 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& w) {
               "weight must be a contiguous float32 or bfloat16 CPU tensor");
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "x [..., K] and weight [N, K] do not match");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
-  if (M > (bf16 && !kNativeBf16 ? kWidenRows : kF32PoolRows)) {
+  if (M > f32_pool_rows(bf16)) {
     if (!bf16) return at::linear(x, w);
     return kNativeBf16 ? at::linear(x.to(at::kBFloat16), w).to(at::kFloat) : widened_linear(x, w, M, N, K);
   }
@@ -1155,6 +1159,7 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("rope(Tensor x, Tensor rope) -> Tensor");
   m.def("f32_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("bf16_gemm() -> bool", &llamarun_kernels::bf16_gemm);
+  m.def("f32_pool_rows(bool bf16_weight) -> int", &llamarun_kernels::f32_pool_rows);
   m.def("argmax(Tensor x) -> Tensor");
   m.def("sample_filtered(Tensor x, Tensor u, float temperature, int top_k, float top_p, float min_p) -> Tensor");
   m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start) -> Tensor");
