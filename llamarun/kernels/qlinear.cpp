@@ -379,8 +379,18 @@ inline __m256 group_values8(const uint16_t* h, int64_t b0, int n, int64_t bpg, c
 // streams, on which the hardware prefetcher ramps up late, and SmolLM2's layers are 0.2-1.1 MB. At one row
 // on Zen 5, weights streamed from memory: wqkv, wo, w13, w2 0.76-0.92x the time (1, 2, 4, 8 and 16 KB ahead
 // tried; 4-8 KB best), the output layer 0.87x; the int8-activation kernels 0.74-0.83x.
+// The AVX2 build's int4 kernel does not (kInt4RowPrefetch): on Zen 3 its products took 1.04-1.23x the
+// time with the prefetch at 1-4 rows (SmolLM2's and llama-2-7b's shapes; into L2 instead: no better), and
+// SmolLM2's decode ran 5-15% faster at batch 1 and 4 without it, a llama-3.2-1b-shaped file's 2-5%. Its
+// int8 kernel keeps it: SmolLM2's int8 output layer took 0.81-0.96x the time with it, and an int8 model
+// decoded faster.
 using llamarun_kernels::kPrefetchAhead;
 using llamarun_kernels::prefetch_bytes;
+#ifdef LLAMARUN_AVX512
+constexpr bool kInt4RowPrefetch = true;
+#else
+constexpr bool kInt4RowPrefetch = false;
+#endif
 
 // y[m0 + r, n] for weight rows n in [n0, n1) and activation rows m0 .. m0+R-1.
 template <int R>
@@ -487,7 +497,7 @@ void q4_rows(const uint8_t* W, const uint16_t* S, const uint16_t* Z, int64_t K, 
     const uint8_t* w = W + n * (K / 2);
     const uint16_t* sc = S + n * ng;
     const uint16_t* mn = Z + n * ng;
-    if (n + ahead < N) {
+    if (kInt4RowPrefetch && n + ahead < N) {
       prefetch_bytes(w + ahead * (K / 2), K / 2);
       prefetch_bytes(sc + ahead * ng, 2 * ng);
       prefetch_bytes(mn + ahead * ng, 2 * ng);
