@@ -461,6 +461,16 @@ def weight_bytes(args: ModelArgs, mode: str, dtype_bytes: int, group_size: int |
             + edge_bytes(args, mode, dtype_bytes, embedding_mode, group_size))
 
 
+def dequant_bytes(args: ModelArgs, dtype_bytes: int) -> int:
+    """What a quantized product holds on an accelerator, where it dequantizes its weight (int8 layers, the
+    output layer, int4 ones tinygemm cannot take): the largest weight in the activations' dtype, in tiles
+    of at most ``quantize.PORTABLE_TILE_BYTES``, plus as much again for the int4 codes being unpacked."""
+    from .quantize import PORTABLE_TILE_BYTES
+
+    largest = max([n * k for n, k in linear_shapes(args)] + [args.vocab_size * args.dim]) * dtype_bytes
+    return 2 * min(largest, PORTABLE_TILE_BYTES)
+
+
 def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """Keys and values of every layer for ``batch`` rows of ``seq_len`` tokens."""
     return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * dtype_bytes
@@ -644,13 +654,14 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     kv_dtype = kv_dtype or dtype
     avail, source = (memory, "--memory") if memory is not None else available_bytes(device)
     dtype_name = str(dtype).replace("torch.", "")
+    activations = activation_bytes(args, batch, seq, nbytes)
     plan = Plan(device=str(device), dtype=dtype_name, batch=batch, max_seq_len=seq, available=avail,
                 available_source=source,
                 weights={dtype_name: weight_bytes(args, "none", nbytes),
                          "int8": weight_bytes(args, "int8", nbytes, group_size, embedding_mode),
                          "int4": weight_bytes(args, "int4", nbytes, group_size, embedding_mode)},
                 kv_cache=kv_cache_bytes(args, batch, seq, DTYPE_BYTES[kv_dtype]),
-                kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activation_bytes(args, batch, seq, nbytes),
+                kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activations,
                 overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size,
                 embedding_mode=embedding_mode)
     # (mode, modules kept in another mode) in the order tried
@@ -673,6 +684,9 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                                   + edge_bytes(args, mode, nbytes, embedding_mode, group_size)
                                   + override_bytes(args, mode, plan.layer_modes, range(on_dev), group_size))
         plan.kv_cache = full_kv * on_dev // args.n_layers
+        # On an accelerator a quantized model's products dequantize their weights (see dequant_bytes).
+        plan.activations = activations + (dequant_bytes(args, nbytes) if mode != "none" and device.type != "cpu"
+                                          else 0)
         # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
         plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode) if device.type == "cpu" else 0
         return plan

@@ -71,6 +71,10 @@ WIDE_INT8_MIN_ROWS = 2
 # Dequantize at most this much float32 weight at a time on the dense path (bigger tiles: no faster, more
 # peak memory).
 _DENSE_TILE_BYTES = 4 << 20
+# The portable path (a GPU, or no kernels) dequantizes weights of more than this many bytes (in the
+# activations' dtype) a tile of rows at a time: a 128k-vocabulary output layer is 1 GiB in bf16, more than a
+# memory plan can leave free beside an 8B model on a 12 GB card.
+PORTABLE_TILE_BYTES = 64 << 20
 # The output layer (and a tied embedding, which shares its table) is the layer most hurt by 4-bit rounding:
 # on SmolLM2-135M an int4 output costs ~20% top-1 agreement (97.7% -> 80.9%), int8 nothing measurable.
 # Like llama.cpp's Q4 files, keep it int8 unless asked otherwise (output_mode="int4").
@@ -164,11 +168,12 @@ def _dequantize(mode: str, qweight: torch.Tensor, scales: torch.Tensor, mins: to
     else:
         q = _unpack_int4(qweight).to(dtype)
     k = q.shape[1]
-    s = scales.view(torch.float16).to(dtype)[..., None]
-    w = q.view(n, k // group_size, group_size) * s
+    # In place: the dequantized weight is the only full-size tensor made (a GPU's portable path makes one
+    # per product, see QuantizedLinear._portable).
+    w = q.view(n, k // group_size, group_size).mul_(scales.view(torch.float16).to(dtype)[..., None])
     if mins is not None:
-        w = w + mins.view(torch.float16).to(dtype)[..., None]
-    return w.view(n, k)
+        w.add_(mins.view(torch.float16).to(dtype)[..., None])
+    return q
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -729,8 +734,23 @@ class QuantizedLinear(nn.Module):
             else:
                 y = self._kernel(xf)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        # Portable path (no kernels, or a GPU): dequantize, then a float matmul in the activation dtype.
-        return F.linear(x, self.dequantize(x.dtype))
+        return self._portable(x)
+
+    def _portable(self, x: torch.Tensor) -> torch.Tensor:
+        """No kernels, or a GPU: dequantize, then a float matmul in the activations' dtype; a weight of more
+        than ``PORTABLE_TILE_BYTES`` a tile of rows at a time, so what a product holds beside the model stays
+        within what the memory plan reserves (``memory.DEQUANT_BYTES``)."""
+        n, k = self.out_features, self.in_features
+        tile = max(1, PORTABLE_TILE_BYTES // (k * x.element_size()))
+        if tile >= n:
+            return F.linear(x, self.dequantize(x.dtype))
+        y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            rows = _dequantize(self.mode, self.qweight[r0:r1], self.scales[r0:r1],
+                               None if self.mins is None else self.mins[r0:r1], self.group_size, x.dtype)
+            y[..., r0:r1] = F.linear(x, rows)
+        return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
         """The integer kernel (any number of rows): ``x`` float32 [..., K] on the CPU."""

@@ -442,3 +442,28 @@ def test_pack_weights_leaves_huge_mappings_in_place():
     assert memory.pack_weights(model) == 64 * 64 * 4
     assert model[0].weight.data_ptr() == big.data_ptr() and torch.equal(model[1].weight, small)
     assert model[1].weight.data_ptr() % memory.HUGE_PAGE == 0
+
+
+def test_accelerator_plans_hold_room_for_dequantized_tiles():
+    """On an accelerator a quantized model's products dequantize their weights (the output layer's always),
+    at most quantize.PORTABLE_TILE_BYTES at a time: the plan counts that, for quantized modes only, and a
+    CPU plan (kernels read the codes directly) does not."""
+    from llamarun.memory import activation_bytes, dequant_bytes
+    from llamarun.quantize import PORTABLE_TILE_BYTES
+
+    args = config_by_name("llama-3-8b")
+    base = activation_bytes(args, 1, 2048, 2)
+    # The 128k x 4096 output layer is 1 GiB in float16: two tiles' worth are counted, not the whole of it.
+    assert dequant_bytes(args, 2) == 2 * PORTABLE_TILE_BYTES
+    assert dequant_bytes(config_by_name("stories15m"), 2) == 2 * 32000 * 288 * 2  # smaller than a tile
+    cuda = torch.device("cuda")
+    for mode in ("int8", "int4"):
+        plan = make_plan(args, cuda, torch.float16, max_seq_len=2048, memory=40 * GiB, quantize=mode)
+        assert plan.activations == base + 2 * PORTABLE_TILE_BYTES
+    fp16 = make_plan(args, cuda, torch.float16, max_seq_len=2048, memory=40 * GiB, quantize="none")
+    assert fp16.activations == base
+    cpu = make_plan(args, torch.device("cpu"), torch.float16, max_seq_len=2048, memory=40 * GiB, quantize="int8")
+    assert cpu.activations == base
+    # Offloading leaves room for the tiles too: no layer is placed in it.
+    tight = make_plan(args, cuda, torch.float16, max_seq_len=2048, memory=5 * GiB)
+    assert tight.quantize == "int4" and tight.offload_layers and tight.total <= 5 * GiB

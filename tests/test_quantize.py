@@ -833,3 +833,30 @@ def test_damaged_files_are_format_errors(tmp_path, capsys):
     with pytest.raises(FormatError, match="truncated safetensors file"):
         Q.is_quantized_checkpoint(other)
     assert Q.is_quantized_checkpoint(good) and not Q.is_quantized_checkpoint(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_portable_path_dequantizes_large_weights_in_tiles(monkeypatch, mode, dtype):
+    """The portable path (a GPU's, or without kernels) multiplies by the dequantized weight; one of more than
+    PORTABLE_TILE_BYTES (in the activations' dtype) is dequantized a tile of rows at a time, never whole,
+    with the same result."""
+    torch.manual_seed(0)
+    lin = Q.make_linear(Q.quantize_tensor(torch.randn(100, 64), mode, 32))
+    lin.use_kernels(False)
+    x = torch.randn(3, 5, 64).to(dtype)
+    want = F.linear(x, lin.dequantize(dtype))
+    made = []
+    real = Q._dequantize
+
+    def spy(mode, qweight, *rest):
+        made.append(qweight.shape[0])
+        return real(mode, qweight, *rest)
+
+    monkeypatch.setattr(Q, "_dequantize", spy)
+    assert torch.equal(lin(x), want) and made == [100]  # within a tile: whole, as before
+    made.clear()
+    monkeypatch.setattr(Q, "PORTABLE_TILE_BYTES", 30 * 64 * x.element_size())  # 30 rows a tile
+    got = lin(x)
+    assert made == [30, 30, 30, 10] and got.shape == (3, 5, 100) and got.dtype == dtype
+    torch.testing.assert_close(got, want)  # float32: BLAS may block a 30-row product differently
