@@ -739,7 +739,7 @@ class QuantizedLinear(nn.Module):
     def _portable(self, x: torch.Tensor) -> torch.Tensor:
         """No kernels, or a GPU: dequantize, then a float matmul in the activations' dtype; a weight of more
         than ``PORTABLE_TILE_BYTES`` a tile of rows at a time, so what a product holds beside the model stays
-        within what the memory plan reserves (``memory.DEQUANT_BYTES``)."""
+        within what the memory plan reserves (``memory.dequant_bytes``)."""
         n, k = self.out_features, self.in_features
         tile = max(1, PORTABLE_TILE_BYTES // (k * x.element_size()))
         if tile >= n:
