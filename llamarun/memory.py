@@ -424,9 +424,12 @@ def override_bytes(args: ModelArgs, mode: str, layer_modes: dict[str, str], laye
 def quantized_bytes(n: int, k: int, mode: str, group_size: int | None = None) -> int:
     """Bytes of one [n, k] weight in llamarun's int8 / int4 formats (see llamarun.quantize), with the group
     size the quantizer takes for it (``group_size``, else the default: 32)."""
-    from .quantize import fit_group_size
+    from .quantize import QuantizationError, fit_group_size
 
-    g = fit_group_size(mode, k, group_size)
+    try:
+        g = fit_group_size(mode, k, group_size)
+    except QuantizationError:  # int4 cannot take this width (loading it so fails): an estimate for the table
+        g = group_size or 32
     if mode == "int8":
         return n * k + n * (k // g) * 2  # int8 values, a float16 scale per group
     return n * k // 2 + 2 * n * (k // g) * 2  # two 4-bit values a byte, a float16 scale and minimum per group

@@ -11,6 +11,7 @@ import torch
 
 from _ckpt_utils import run_cli_in_process
 from conftest import REPO, assert_one_line_error
+from llamarun.config import ModelArgs
 from llamarun.errors import RuntimeFailure, UsageError
 from llamarun.memory import GiB, config_by_name, make_plan, parse_size
 
@@ -442,6 +443,14 @@ def test_pack_weights_leaves_huge_mappings_in_place():
     assert memory.pack_weights(model) == 64 * 64 * 4
     assert model[0].weight.data_ptr() == big.data_ptr() and torch.equal(model[1].weight, small)
     assert model[1].weight.data_ptr() % memory.HUGE_PAGE == 0
+
+
+def test_plan_with_a_group_size_int4_cannot_take():
+    """A model whose width int4 cannot quantize (40 inputs: not a multiple of 32) still gets a plan with
+    --group-size: its int4 entry is an estimate, and the float model it fits as is chosen."""
+    args = ModelArgs(dim=40, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=72, max_seq_len=64)
+    plan = make_plan(args, torch.device("cpu"), torch.float32, memory=1 << 30, group_size=64)
+    assert plan.label == "float32" and 0 < plan.weights["int4"] < plan.weights["int8"] < plan.weights["float32"]
 
 
 def test_accelerator_plans_hold_room_for_dequantized_tiles():
