@@ -449,7 +449,7 @@ def test_plan_with_a_group_size_int4_cannot_take():
     """A model whose width int4 cannot quantize (40 inputs: not a multiple of 32) still gets a plan with
     --group-size: its int4 entry is an estimate, and the float model it fits as is chosen."""
     args = ModelArgs(dim=40, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=72, max_seq_len=64)
-    plan = make_plan(args, torch.device("cpu"), torch.float32, memory=1 << 30, group_size=64)
+    plan = make_plan(args, torch.device("cpu"), torch.float32, memory=1 << 40, group_size=64)
     assert plan.label == "float32" and 0 < plan.weights["int4"] < plan.weights["int8"] < plan.weights["float32"]
 
 
