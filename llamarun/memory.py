@@ -674,7 +674,8 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
         order = [(native_mode, layer_modes or {})] + [(m, {}) for m in ("int8", "int4") if m != native_mode]
         if layer_modes:
             kept = override_bytes(args, native_mode, layer_modes, range(args.n_layers), group_size)
-            plan.weights[f"{native_mode}+int8"] = weight_bytes(args, native_mode, nbytes, group_size, embedding_mode) + kept
+            uniform = weight_bytes(args, native_mode, nbytes, group_size, embedding_mode)
+            plan.weights[f"{native_mode}+int8"] = uniform + kept
             order.insert(1, (native_mode, {}))
     else:
         order = [("none", {}), ("int8", {}), ("int4", {})]

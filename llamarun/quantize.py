@@ -744,12 +744,11 @@ class QuantizedLinear(nn.Module):
         tile = max(1, PORTABLE_TILE_BYTES // (k * x.element_size()))
         if tile >= n:
             return F.linear(x, self.dequantize(x.dtype))
+        qt = self.qtensor
         y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
         for r0 in range(0, n, tile):
-            r1 = min(n, r0 + tile)
-            rows = _dequantize(self.mode, self.qweight[r0:r1], self.scales[r0:r1],
-                               None if self.mins is None else self.mins[r0:r1], self.group_size, x.dtype)
-            y[..., r0:r1] = F.linear(x, rows)
+            rows = qt.map(lambda t: t[r0 : r0 + tile]).dequantize(x.dtype)
+            y[..., r0 : r0 + rows.shape[0]] = F.linear(x, rows)
         return y
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:

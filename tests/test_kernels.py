@@ -184,8 +184,8 @@ def test_int8_gemm_agrees_with_the_row_kernel(mode, n, k, g):
     op, args = Q.make_linear(qt)._kernel_args()
     x = torch.randn(37, k, generator=torch.Generator().manual_seed(k))
     gemm = op(x, *args[:-1], 1)
-    g = kernels.gemm_min_rows()
-    step = 8 if g == 1 else min(8, g - 1)  # row kernel chunks below the GEMM's threshold (AVX2: half tiles)
+    gemm_rows = kernels.gemm_min_rows()
+    step = 8 if gemm_rows == 1 else min(8, gemm_rows - 1)  # row kernel chunks below it (AVX2: half tiles)
     rows = torch.cat([op(x[i : i + step], *args[:-1], 1) for i in range(0, 37, step)])
     assert (gemm - rows).abs().max() <= 1e-6 * rows.abs().max()
 
