@@ -8,7 +8,8 @@
 
 Columns: llamarun in each ``--modes`` (``auto`` keeps a Q4 GGUF 4-bit; ``none`` = unquantized: float32,
 or bf16 weights under float32 activations on a CPU with native bf16; ``bf16`` = unquantized bfloat16
-weights and activations; ``int8``/``int4`` force a quantization), HF transformers
+weights and activations; ``int8``/``int4`` force a quantization), each with every ``--kv-dtypes`` (default
+auto; ``int8`` adds "llamarun auto kv int8" columns), HF transformers
 in each ``--hf-dtypes`` (the same GGUF through ``from_pretrained(gguf_file=...)``, which dequantizes it;
 default fp32 and bf16, but fp32 only on CPUs without native bf16, where emulated bf16 is 2-4x slower
 than fp32 and would take ~40% of the run; ``--hf-dtypes fp32 bf16`` forces it, flagged in the notes),
@@ -68,6 +69,7 @@ SEED = 0
 DECODE_PROMPT_LEN = 16  # tokens per row of the decode prompts (as llamarun bench)
 ENGINES = ("llamarun", "hf", "llama.cpp")
 LLAMARUN_MODES = ("auto", "none", "int8", "int4", "bf16")  # bf16: --quantize none --dtype bfloat16
+LLAMARUN_KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 HF_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
              "fp16": "float16", "float16": "float16"}
 SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -120,13 +122,14 @@ class LlamarunEngine:
         self.import_done = time.perf_counter()
         quantize, dtype = ("none", "bfloat16") if spec["mode"] == "bf16" else (spec["mode"], "auto")
         self.llm = Llama.load(spec["model"], device="cpu", dtype=dtype, quantize=quantize, threads=spec["threads"],
-                              max_batch_size=max(spec["batch"]))
+                              max_batch_size=max(spec["batch"]), kv_dtype=spec.get("kv_dtype", "auto"))
         self.greedy = SamplingParams(temperature=0.0)
         self.vocab = self.llm.args.vocab_size
         self.ctx = self.llm.max_seq_len
         label = self.llm.plan.label if self.llm.plan else "?"
         self.info = {"load_s": round(self.llm.load_s, 3), "weights": SHORT_DTYPE.get(label, label),
                      "activations": str(self.llm.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                     "kv_dtype": str(self.llm.kv_dtype).replace("torch.", ""),
                      "version": _version("llamarun"), "torch": torch.__version__}
         self.info["kernels"] = _llamarun_kernels(self.llm)
         if self.info["kernels"].startswith("fallback"):
@@ -493,7 +496,8 @@ def columns(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The columns to run, in order, and notes about the ones skipped."""
     cols, notes = [], []
     if "llamarun" in args.engines:
-        cols += [{"name": f"llamarun {m}", "engine": "llamarun", "mode": m} for m in args.modes]
+        cols += [{"name": f"llamarun {m}" + ("" if kv == "auto" else f" kv {kv}"), "engine": "llamarun", "mode": m,
+                  "kv_dtype": kv} for m in args.modes for kv in args.kv_dtypes]
     if "hf" in args.engines:
         cols += [{"name": f"hf {SHORT_DTYPE[d]}", "engine": "hf", "mode": d} for d in args.hf_dtypes]
     if "llama.cpp" in args.engines:
@@ -520,7 +524,8 @@ def run_column(col: dict, args: argparse.Namespace, log=None) -> dict:
 
 def _run_column(col: dict, args: argparse.Namespace, extra_bufts: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="llamarun-compare-") as tmp:
-        spec = {"engine": col["engine"], "mode": col["mode"], "model": args.model, "threads": args.threads,
+        spec = {"engine": col["engine"], "mode": col["mode"], "kv_dtype": col.get("kv_dtype", "auto"),
+                "model": args.model, "threads": args.threads,
                 "prefill": args.prefill, "batch": args.batch, "decode_tokens": args.decode_tokens,
                 "context": args.context, "repeat": args.repeat, "out": os.path.join(tmp, "result.json"),
                 "extra_bufts": extra_bufts}
@@ -690,6 +695,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", default=["llamarun,hf,llama.cpp"],
                    help="which engines (comma or space separated): llamarun, hf, llama.cpp (default: all)")
     p.add_argument("--modes", nargs="+", default=["auto,none"], help="llamarun --quantize modes (default: auto none)")
+    p.add_argument("--kv-dtypes", nargs="+", default=["auto"],
+                   help="llamarun KV cache dtypes, a column for each with each mode (auto float32 float16 int8; "
+                        "default: auto)")
     p.add_argument("--hf-dtypes", nargs="+", help="HF dtypes: fp32 bf16 fp16 (default: fp32 bf16; fp32 alone on CPUs "
                                                   "without native bf16, where HF bf16 is slow and no one would pick it)")
     p.add_argument("--threads", type=int, help="threads for every engine (default: physical cores)")
@@ -726,6 +734,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in args.modes:
         if m not in LLAMARUN_MODES:
             p.error(f"unknown llamarun mode {m!r} (choose from {', '.join(LLAMARUN_MODES)})")
+    args.kv_dtypes = list(dict.fromkeys(_split(args.kv_dtypes)))
+    for kv in args.kv_dtypes:
+        if kv not in LLAMARUN_KV_DTYPES:
+            p.error(f"unknown llamarun KV cache dtype {kv!r} (choose from {', '.join(LLAMARUN_KV_DTYPES)})")
     for d in args.hf_dtypes:
         if d not in HF_DTYPES:
             p.error(f"unknown HF dtype {d!r} (choose from fp32, bf16, fp16)")

@@ -51,8 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> Non
                    help="weights and activations dtype (auto: bf16/fp16 on GPU; on a CPU float32 activations, with unquantized weights in bf16)")
     p.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     p.add_argument("--max-seq-len", type=int, help="context length to allow (default: the model's, at most 4096)")
-    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype; "
+                        "int8: a scale per cached row, about half of float16's memory)")
     if positional:
         return
     p.add_argument("--compile", action="store_true",
@@ -113,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--memory", help="memory budget, e.g. 12GiB (default: what the device has free)")
     pl.add_argument("--max-seq-len", type=int,
                     help="context to plan for (default: the model's, at most 4096, as generate loads it)")
-    pl.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype)")
+    pl.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                    help="KV cache dtype (auto: float16 under float32 math on a CPU, else the model's dtype; "
+                         "int8: a scale per cached row, about half of float16's memory)")
     pl.add_argument("--batch", type=int, default=1, help="rows generated at once (default 1)")
     pl.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"])
     pl.add_argument("--group-size", type=int, choices=[32, 64, 128], help="int4 (and int8) group size")
@@ -191,8 +193,8 @@ def _load(args: argparse.Namespace, batch: int = 1):
     print(f"llamarun: {llm.checkpoint.path.name}: {plan_summary(llm.plan)}", file=sys.stderr)
     if args.compile:
         if llm.device.type == "cpu":
-            print("llamarun: note: on a CPU the eager fused kernels usually decode faster than the compiled step "
-                  "(--compile is meant for CUDA graphs)", file=sys.stderr)
+            print("llamarun: note: on a CPU the eager fused kernels decode several times faster than the compiled "
+                  "step (--compile is meant for CUDA graphs)", file=sys.stderr)
         print("llamarun: compiling the decode step (minutes the first time, cached afterwards)...", file=sys.stderr)
         llm.compile(tuple(sorted(set(getattr(args, "batch", None) or [batch or 1]))))
         print(f"llamarun: compiled in {llm.compile_s:.1f} s", file=sys.stderr)

@@ -79,9 +79,14 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dt
     return DTYPES[name]
 
 
+KV_DTYPES = {**DTYPES, "int8": torch.int8}
+
+
 def pick_kv_dtype(name: str | torch.dtype | None, device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's dtype: 'auto' is float16 for float32 math on a CPU with llamarun's kernels (half the
-    memory, and half the bytes attention reads per step, as llama.cpp's default), else the model's dtype."""
+    memory, and half the bytes attention reads per step, as llama.cpp's default), else the model's dtype.
+    'int8' stores each cached row as int8 with a float32 scale (``model.KVCache``): about half of float16's
+    bytes, as llama.cpp's ``-ctk q8_0 -ctv q8_0``."""
     if isinstance(name, torch.dtype):
         return name
     if name is None or name == "auto":
@@ -91,9 +96,9 @@ def pick_kv_dtype(name: str | torch.dtype | None, device: torch.device, dtype: t
             if kernels.available():  # without the kernels, every step would convert the whole cache
                 return torch.float16
         return dtype
-    if name not in DTYPES:
-        raise UsageError(f"unknown KV cache dtype {name!r} (use auto, float32, bfloat16 or float16)")
-    return DTYPES[name]
+    if name not in KV_DTYPES:
+        raise UsageError(f"unknown KV cache dtype {name!r} (use auto, float32, bfloat16, float16 or int8)")
+    return KV_DTYPES[name]
 
 
 def physical_cores() -> int:

@@ -34,8 +34,8 @@ def _cpu_f32(x: torch.Tensor) -> bool:
 
 
 def _kv_ok(cache) -> bool:
-    """A KV cache ``attn_decode`` reads: float32 or float16 on the CPU."""
-    return cache.k.is_cpu and cache.k.dtype in (torch.float32, torch.float16)
+    """A KV cache the kernels' attention reads: float32, float16 or int8 (with its scales) on the CPU."""
+    return cache.k.is_cpu and cache.k.dtype in (torch.float32, torch.float16, torch.int8)
 
 
 class FastRMSNorm(RMSNorm):
@@ -59,15 +59,16 @@ class FastAttention(Attention):
             if x.shape[1] == 1:
                 # qkv [B, 1, (H + 2K) D] -> rotary, cache write at start_pos, attention over 0..start_pos: one op.
                 out = torch.ops.llamarun.attn_decode(self.wqkv(x).contiguous(), cache.k, cache.v, rope, start_pos,
-                                                     self.n_heads, self.n_kv_heads)
+                                                     self.n_heads, self.n_kv_heads, cache.k_scale, cache.v_scale)
                 return self.wo(out)
             if self.head_dim % 8 == 0 and _own_prefill_attention(self):
-                # Prefill: the cache write, then causal attention over the cache in the kernels' own pool
-                # (torch's CPU flash attention is an OpenMP region, whose spinning threads then compete with
-                # the pool's for the cores in the matrix products around it).
+                # Prefill: the cache write (one op, converting as attn_decode does), then causal attention over
+                # the cache in the kernels' own pool (torch's CPU flash attention is an OpenMP region, whose
+                # spinning threads then compete with the pool's for the cores in the matrix products around it).
                 q, k, v = self.project(x, rope)
-                cache.update(start_pos, k.transpose(1, 2), v.transpose(1, 2))
-                return self.wo(torch.ops.llamarun.attn_prefill(q, cache.k, cache.v, start_pos))
+                torch.ops.llamarun.kv_store(k, v, cache.k, cache.v, start_pos, cache.k_scale, cache.v_scale)
+                return self.wo(torch.ops.llamarun.attn_prefill(q, cache.k, cache.v, start_pos, cache.k_scale,
+                                                               cache.v_scale))
         return super().forward(x, rope, start_pos)
 
     def _rope(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -201,7 +202,8 @@ class FastTransformer(Transformer):
                 if _cpu_f32(h):
                     a = self.args
                     h = torch.ops.llamarun.decode_layers(h, *stack[:2], self.rope[start_pos : start_pos + 1],
-                                                         *stack[2:4], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps)
+                                                         *stack[2:4], start_pos, a.n_heads, a.n_kv_heads, a.norm_eps,
+                                                         *stack[6])
                     return h if stack[5] else self.head(h)  # stack[5]: the op ran the head
         return super().forward(tokens, start_pos, last_only, logits)
 
@@ -219,10 +221,10 @@ class FastTransformer(Transformer):
         self._stacks = None
         super().free_cache()
 
-    def _decode_stack(self, rows: int) -> tuple[list, list, list, list, list, bool] | None:
+    def _decode_stack(self, rows: int) -> tuple | None:
         """The op's (weights, kinds, k_caches, v_caches) for ``rows`` rows, the hook dicts of the modules it
-        runs (for the hook check) and whether it runs the head (final norm and output) too; or None if the
-        op can't run the layers."""
+        runs (for the hook check), whether it runs the head (final norm and output) too, and the caches'
+        (k_scales, v_scales) (int8 caches; else empty); or None if the op can't run the layers."""
         stacks = self._stacks
         if stacks is None:
             stacks = self._stacks = {}
@@ -238,10 +240,10 @@ def _hooked(hook_dicts: list[dict]) -> bool:
     return bool(_global_forward_hooks or _global_forward_pre_hooks or any(hook_dicts))
 
 
-def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list, list, bool] | None:
+def _gather_stack(model: Transformer, rows: int) -> tuple | None:
     """Walk the layers once: the op's argument lists, or None at the first thing it can't run. The head
     (final norm and output) joins them when the op can run it too; else Python runs it after the op."""
-    weights, kinds, kc, vc = [], [], [], []
+    weights, kinds, kc, vc, ks, vs = [], [], [], [], [], []
     for layer in model.layers:
         attn, ff = layer.attention, layer.feed_forward
         cache = attn.cache
@@ -260,6 +262,9 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
             weights += spec[3]
         kc.append(cache.k)
         vc.append(cache.v)
+        if cache.k_scale is not None:
+            ks.append(cache.k_scale)
+            vs.append(cache.v_scale)
     modules = [m for layer in model.layers for m in layer.modules()]
     norm, out = model.norm, _linear_spec(model.output, rows)
     head = (type(norm) is FastRMSNorm and norm.eps == model.args.norm_eps and _cpu_f32(norm.weight)
@@ -268,7 +273,8 @@ def _gather_stack(model: Transformer, rows: int) -> tuple[list, list, list, list
         weights += (norm.weight,) + out[3]
         kinds += out[:3]
         modules += [norm, model.output]
-    return weights, kinds, kc, vc, [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)], head
+    hooks = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+    return weights, kinds, kc, vc, hooks, head, (ks, vs)
 
 
 _FAST = {RMSNorm: FastRMSNorm, Attention: FastAttention, FeedForward: FastFeedForward, nn.Linear: FastLinear,

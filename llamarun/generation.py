@@ -450,9 +450,11 @@ class Llama:
         rows = max(max(batch_sizes), self.max_batch_size or 1)
         self._setup_cache(rows, self.max_seq_len)  # allocated once: addresses are in the graph
         with torch.inference_mode():
-            # One eager step first: modules make their lazy decisions (are the CPU kernels usable?) outside
-            # the graph, where dynamo cannot follow them (locks, file system).
-            self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), 0, last_only=True)
+            # One eager call first: modules make their lazy decisions (are the CPU kernels usable? their
+            # arguments, gathered once) outside the graph, where dynamo cannot follow them (locks, file
+            # system) and would guard on them, recompiling once they are made. Two tokens, so that every
+            # module's own forward runs (one token would take the fused decode op instead).
+            self.model(torch.zeros(1, 2, dtype=torch.long, device=self.device), 0, last_only=True)
             for b in batch_sizes:
                 tok = torch.zeros(b, 1, dtype=torch.long, device=self.device)
                 for _ in range(3 if cuda else 1):  # CUDA graph trees record on the 2nd-3rd call
@@ -765,8 +767,9 @@ class Llama:
         for layer in self.model.layers:
             cache = layer.attention.cache
             if cache is not None:
-                release_pages(cache.k)
-                release_pages(cache.v)
+                for t in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+                    if t is not None:
+                        release_pages(t)
 
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
         """Run tokens prev..cur-1 through the model (in pieces of PREFILL_CHUNK tokens, on a CPU of

@@ -474,9 +474,19 @@ def dequant_bytes(args: ModelArgs, dtype_bytes: int) -> int:
     return 2 * min(largest, PORTABLE_TILE_BYTES)
 
 
-def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype_bytes: int) -> int:
-    """Keys and values of every layer for ``batch`` rows of ``seq_len`` tokens."""
-    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * args.head_dim * dtype_bytes
+def kv_cache_bytes(args: ModelArgs, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for ``batch`` rows of ``seq_len`` tokens, in ``dtype`` (int8: a byte a
+    value and a float32 scale per cached row of head_dim values, as ``model.KVCache`` stores them)."""
+    row = args.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+    return 2 * args.n_layers * batch * seq_len * args.n_kv_heads * row
+
+
+def kv_read_bytes(args: ModelArgs, batch: int, seq_len: int, kv_dtype: torch.dtype, dtype_bytes: int) -> int:
+    """Transient memory of reading an int8 KV cache without the CPU kernels (model.KVCache on an accelerator):
+    one layer's keys and values dequantized to float32, then cast to the activations' dtype. 0 otherwise."""
+    if kv_dtype != torch.int8:
+        return 0
+    return 2 * batch * seq_len * args.n_kv_heads * args.head_dim * (4 + dtype_bytes)
 
 
 def loading_bytes(args: ModelArgs, mode: str, native_mode: str, edge_native_mode: str = "none") -> int:
@@ -663,7 +673,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                 weights={dtype_name: weight_bytes(args, "none", nbytes),
                          "int8": weight_bytes(args, "int8", nbytes, group_size, embedding_mode),
                          "int4": weight_bytes(args, "int4", nbytes, group_size, embedding_mode)},
-                kv_cache=kv_cache_bytes(args, batch, seq, DTYPE_BYTES[kv_dtype]),
+                kv_cache=kv_cache_bytes(args, batch, seq, kv_dtype),
                 kv_dtype=str(kv_dtype).replace("torch.", ""), activations=activations,
                 overhead=GPU_RUNTIME_BYTES if device.type != "cpu" else cpu_runtime_bytes(), group_size=group_size,
                 embedding_mode=embedding_mode)
@@ -680,6 +690,7 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
     else:
         order = [("none", {}), ("int8", {}), ("int4", {})]
     full_kv = plan.kv_cache
+    read_kv = kv_read_bytes(args, batch, seq, kv_dtype, nbytes)
 
     def choose(mode: str, n_cpu: int, modes: dict[str, str] | None = None) -> Plan:
         plan.quantize, plan.offload_layers, plan.layer_modes = mode, n_cpu, dict(modes or {})
@@ -688,9 +699,11 @@ def make_plan(args: ModelArgs, device: torch.device, dtype: torch.dtype, *, batc
                                   + edge_bytes(args, mode, nbytes, embedding_mode, group_size)
                                   + override_bytes(args, mode, plan.layer_modes, range(on_dev), group_size))
         plan.kv_cache = full_kv * on_dev // args.n_layers
-        # On an accelerator a quantized model's products dequantize their weights (see dequant_bytes).
-        plan.activations = activations + (dequant_bytes(args, nbytes) if mode != "none" and device.type != "cpu"
-                                          else 0)
+        # On an accelerator a quantized model's products dequantize their weights (see dequant_bytes), and
+        # an int8 KV cache is dequantized a layer at a time (kv_read_bytes).
+        plan.activations = activations
+        if device.type != "cpu":
+            plan.activations += (dequant_bytes(args, nbytes) if mode != "none" else 0) + read_kv
         # Tensors are converted on the host and then moved: the transient is on the device only for a CPU.
         plan.loading = loading_bytes(args, mode, native_mode, edge_native_mode) if device.type == "cpu" else 0
         return plan

@@ -68,10 +68,23 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scales [...]): each row scaled by its largest magnitude / 127 and
+    rounded to nearest (an int8 KV cache's keys and values; the kernels' attn_decode writes the same)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1) / 127
+    # A row of zeros has scale 0: dividing by the smallest normal float instead keeps it zeros.
+    q = torch.round(xf / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
 class KVCache(nn.Module):
     """Static key/value cache for one layer: [B, K, max_seq_len, D], written in place. Its dtype may be
-    narrower than the activations' (float16 under float32 math): values are rounded on the way in.
-    ``zeros`` (``torch.zeros``'s signature) allocates k and v."""
+    narrower than the activations' (float16 under float32 math): values are rounded on the way in. With
+    dtype int8, each cached row (one position of one head) is stored as int8 with a float32 scale,
+    ``k_scale`` / ``v_scale`` [B, K, max_seq_len] (:func:`quantize_rows`): about half a float16 cache's
+    bytes (llama.cpp's ``-ctk q8_0``), read back as float32. ``zeros`` (``torch.zeros``'s signature)
+    allocates the tensors."""
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None,
@@ -80,24 +93,46 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", zeros(shape, dtype=dtype, device=device), persistent=False)
+        scales = dtype == torch.int8
+        for name in ("k_scale", "v_scale"):
+            self.register_buffer(name, zeros(shape[:3], dtype=torch.float32, device=device) if scales else None,
+                                 persistent=False)
 
     def update(self, start_pos: int | torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, K, S, D] at positions start_pos.. and return all keys/values so far [B, K, T, D].
+        """Store k, v [B, K, S, D] at positions start_pos.. and return all keys/values so far [B, K, T, D]
+        (an int8 cache's dequantized to float32).
 
         With a tensor of positions [S] instead (the static-shape path), the whole cache [B, K, max_seq_len, D]
         is returned: shapes then never depend on the position, and the caller masks what is not written yet.
         """
         b, _, s, _ = k.shape
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if self.k_scale is not None:
+            (k, ks), (v, vs) = quantize_rows(k), quantize_rows(v)
+        else:
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if isinstance(start_pos, torch.Tensor):
             self.k[:b].index_copy_(2, start_pos, k)
             self.v[:b].index_copy_(2, start_pos, v)
-            return self.k[:b], self.v[:b]
+            if self.k_scale is not None:
+                self.k_scale[:b].index_copy_(2, start_pos, ks)
+                self.v_scale[:b].index_copy_(2, start_pos, vs)
+            return self._read(slice(None), b)
         end = start_pos + s
         self.k[:b, :, start_pos:end] = k
         self.v[:b, :, start_pos:end] = v
-        return self.k[:b, :, :end], self.v[:b, :, :end]
+        if self.k_scale is not None:
+            self.k_scale[:b, :, start_pos:end] = ks
+            self.v_scale[:b, :, start_pos:end] = vs
+        return self._read(slice(0, end), b)
+
+    def _read(self, positions: slice, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows 0..b-1's keys and values at ``positions`` [b, K, T, D], dequantized if int8."""
+        k, v = self.k[:b, :, positions], self.v[:b, :, positions]
+        if self.k_scale is None:
+            return k, v
+        return (k.float() * self.k_scale[:b, :, positions, None],
+                v.float() * self.v_scale[:b, :, positions, None])
 
 
 class Attention(nn.Module):

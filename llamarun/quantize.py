@@ -903,9 +903,11 @@ class QuantizedEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         src = self.source
-        if tokens.numel() <= _KERNEL_LOOKUP_MAX and tokens.is_cpu and self.weight.dtype == torch.float32 and src._kernel_ok():
+        if (tokens.numel() <= _KERNEL_LOOKUP_MAX and tokens.is_cpu and self.weight.dtype == torch.float32
+                and src._kernel_ok() and not torch.compiler.is_compiling()):
             # A decode step's tokens (one per row): a kernel call per token instead of ~10 small torch ops over
-            # the table (~100 us at batch 1, ~1.6 ms at batch 16: torch's row gather).
+            # the table (~100 us at batch 1, ~1.6 ms at batch 16: torch's row gather). Not in a compiled step,
+            # whose graph cannot branch on the ids' values.
             ids = tokens.reshape(-1).tolist()
             if all(0 <= t < self.num_embeddings for t in ids):
                 rows = [src._dequant_rows(t, 1) for t in ids]

@@ -78,6 +78,9 @@ def test_generate_paris():
     proc = run_cli("generate", "The capital of France is", "-n", "8", "-t", "0", "--kv-dtype", "float32")
     assert proc.returncode == 0 and proc.stdout.startswith(" Paris"), proc.stderr
     assert "float32 KV cache" in proc.stderr
+    proc = run_cli("generate", "The capital of France is", "-n", "8", "-t", "0", "--kv-dtype", "int8")
+    assert proc.returncode == 0 and proc.stdout.startswith(" Paris"), proc.stderr
+    assert "int8 KV cache" in proc.stderr
 
 
 def test_generate_json_batch_and_logprobs():
@@ -103,10 +106,13 @@ def test_tiny_model_stdin_echo_seed(tmp_path):
 
 
 def test_generate_with_compiled_decode_step(tmp_path, monkeypatch, capsys):
-    """--compile: same greedy text as eager, the compile announced (with the CPU note) on stderr."""
+    """--compile: same greedy text as eager, the compile announced (with the CPU note) on stderr; for a
+    Q8_0 file (whose quantized embedding looks tokens up through the kernels, eagerly) and an int8 KV cache."""
+    import gguf
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    model = write_tiny_gguf(tmp_path / "tiny.gguf")
-    args = ["generate", "-m", str(model), "-n", "6", "-t", "0", "--max-seq-len", "32", "hello"]
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", weight_type=gguf.GGMLQuantizationType.Q8_0)
+    args = ["generate", "-m", str(model), "-n", "6", "-t", "0", "--max-seq-len", "32", "--kv-dtype", "int8", "hello"]
     eager, compiled = run_cli_in_process(args, capsys), run_cli(*args, "--compile")
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout
@@ -224,7 +230,7 @@ def test_invalid_values(args, needle, capsys):
 
 
 @pytest.mark.parametrize("args,needle,help_cmd", [
-    (["generate", "hello", "--kv-dtype", "int8"], "--kv-dtype: invalid choice: 'int8'", "llamarun generate --help"),
+    (["generate", "hello", "--kv-dtype", "int4"], "--kv-dtype: invalid choice: 'int4'", "llamarun generate --help"),
     (["generate", "hello", "--quantize", "int3"], "--quantize: invalid choice", "llamarun generate --help"),
     (["generate", "hello", "-n", "many"], "-n/--max-new-tokens: invalid int value", "llamarun generate --help"),
     (["generate", "hello", "--bogus"], "unrecognized arguments: --bogus", "llamarun --help"),

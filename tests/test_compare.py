@@ -210,6 +210,20 @@ def test_rounds_alternate_the_order_and_flag_busy_columns(monkeypatch):
     assert len(busy) == 1 and busy[0].startswith("hf fp32: ") and "50%/50%" in busy[0]
 
 
+def test_kv_dtype_columns(tiny_gguf, tmp_path):
+    """--kv-dtypes: a llamarun column for each mode and KV cache dtype, the worker loading with it."""
+    a = compare.parse_args(["--engines", "llamarun", "--modes", "auto", "none", "--kv-dtypes", "auto,int8"])
+    assert [c["name"] for c in compare.columns(a)[0]] == ["llamarun auto", "llamarun auto kv int8", "llamarun none",
+                                                          "llamarun none kv int8"]
+    out = tmp_path / "out.json"
+    proc = run_compare("-m", str(tiny_gguf), "--quick", "--engines", "llamarun", "--modes", "auto", "--kv-dtypes",
+                       "int8", "--threads", "1", "--prefill", "24", "--batch", "2", "--decode-tokens", "2",
+                       "--json", str(out))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads(out.read_text())["results"]["llamarun auto kv int8"]
+    assert "error" not in r and r["kv_dtype"] == "int8" and r["decode"]["2"] > 0
+
+
 def test_parse_args_defaults_quick_and_validation(capsys):
     a = compare.parse_args([])
     assert (a.prefill, a.batch, a.decode_tokens, a.context) == ([128, 512], [1, 8, 16], 32, [])
@@ -220,7 +234,8 @@ def test_parse_args_defaults_quick_and_validation(capsys):
     q = compare.parse_args(["--quick", "--batch", "2", "2", "--engines", "llamarun", "llamacpp", "--hf-dtypes", "bf16"])
     assert (q.prefill, q.batch, q.decode_tokens) == ([128], [2], 16)
     assert q.engines == ["llamarun", "llama.cpp"] and q.hf_dtypes == ["bfloat16"]
-    for bad in (["--modes", "int3"], ["--engines", "vllm"], ["--batch", "0"], ["--hf-dtypes", "fp8"]):
+    for bad in (["--modes", "int3"], ["--engines", "vllm"], ["--batch", "0"], ["--hf-dtypes", "fp8"],
+                ["--kv-dtypes", "int4"]):
         with pytest.raises(SystemExit):
             compare.parse_args(bad)
     assert "unknown" in capsys.readouterr().err

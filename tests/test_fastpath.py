@@ -7,7 +7,7 @@ import torch
 
 from llamarun import fastpath, kernels
 from llamarun.config import ModelArgs
-from llamarun.model import Attention, KVCache, RMSNorm, Transformer, rope_cache
+from llamarun.model import Attention, KVCache, RMSNorm, Transformer, quantize_rows, rope_cache
 from llamarun.quantize import quantize_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
@@ -100,34 +100,45 @@ def test_bf16_weights_model_decodes_like_its_reference():
 @pytest.mark.parametrize("heads,kv_heads,head_dim,batch,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 37),
                                                                  (4, 4, 16, 3, 5), (8, 2, 128, 2, 300),
                                                                  (6, 6, 48, 1, 511), (4, 1, 64, 2, 128)])
-@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16, torch.int8])
 def test_attn_decode_matches_reference(heads, kv_heads, head_dim, batch, pos, kv):
     """One new token per row: rotary, cache write and GQA attention equal model.py's Attention (positions
-    0..pos in chunks of 128 per task: one, several, and one past a chunk boundary), with a float32 or a
-    float16 cache."""
+    0..pos in chunks of 128 per task: one, several, and one past a chunk boundary), with a float32, a
+    float16 or an int8 cache (rows and scales)."""
     torch.manual_seed(0)
     args = ModelArgs(dim=heads * head_dim, n_layers=1, n_heads=heads, n_kv_heads=kv_heads, vocab_size=10,
                      hidden_dim=32, max_seq_len=512)
     rope = rope_cache(args, 512)
     ref = Attention(args)
     T = 512
-    ref.cache = KVCache(batch + 1, kv_heads, T, head_dim, kv)  # cache batch larger than the input
-    ref.cache.k.normal_()
-    ref.cache.v.normal_()
-    k0, v0 = ref.cache.k.clone(), ref.cache.v.clone()
+    cache = ref.cache = KVCache(batch + 1, kv_heads, T, head_dim, kv)  # cache batch larger than the input
+    for name in ("k", "v"):  # what earlier positions left
+        rows = torch.randn(batch + 1, kv_heads, T, head_dim)
+        if kv == torch.int8:
+            rows, scale = quantize_rows(rows)
+            getattr(cache, name + "_scale").copy_(scale)
+        getattr(cache, name).copy_(rows)
+    names = [n for n, t in cache.named_buffers()]  # k, v (and k_scale, v_scale)
+    before = {n: getattr(cache, n).clone() for n in names}
     x = torch.randn(batch, 1, args.dim)
     with torch.inference_mode():
         want = ref(x, rope[pos : pos + 1], pos)
-        want_k, want_v = ref.cache.k.clone(), ref.cache.v.clone()
-        ref.cache.k.copy_(k0)
-        ref.cache.v.copy_(v0)
-        got = torch.ops.llamarun.attn_decode(ref.wqkv(x), ref.cache.k, ref.cache.v, rope[pos : pos + 1], pos,
-                                             heads, kv_heads)
+        written = {n: getattr(cache, n).clone() for n in names}
+        for n in names:
+            getattr(cache, n).copy_(before[n])
+        got = torch.ops.llamarun.attn_decode(ref.wqkv(x), cache.k, cache.v, rope[pos : pos + 1], pos,
+                                             heads, kv_heads, cache.k_scale, cache.v_scale)
         got = ref.wo(got)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    # The rotated key went in at pos (in float16: the same value, give or take one rounding step).
-    torch.testing.assert_close(ref.cache.k, want_k, rtol=1e-6 if kv == torch.float32 else 1e-3, atol=1e-6)
-    torch.testing.assert_close(ref.cache.v, want_v)
+    # The rotated key went in at pos (in float16: the same value, give or take one rounding step; in int8 the
+    # same codes but where the two rotations' last bits fall either side of a rounding boundary).
+    if kv == torch.int8:
+        for n in names:
+            torch.testing.assert_close(getattr(cache, n).float(), written[n].float(), rtol=1e-6, atol=1)
+        assert (cache.k != written["k"]).sum() <= 2 and torch.equal(cache.v, written["v"])
+    else:
+        torch.testing.assert_close(cache.k, written["k"], rtol=1e-6 if kv == torch.float32 else 1e-3, atol=1e-6)
+        torch.testing.assert_close(cache.v, written["v"])
 
 
 def test_attn_decode_rejects_bad_input():
@@ -140,9 +151,9 @@ def test_attn_decode_rejects_bad_input():
         torch.ops.llamarun.attn_decode(qkv[..., :-16], cache, cache.clone(), rope, 0, 4, 2)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.llamarun.attn_decode(qkv.double(), cache, cache.clone(), rope, 0, 4, 2)
-    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+    with pytest.raises(RuntimeError, match="both float32, float16 or int8"):
         torch.ops.llamarun.attn_decode(qkv, cache, cache.half(), rope, 0, 4, 2)
-    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+    with pytest.raises(RuntimeError, match="both float32, float16 or int8"):
         torch.ops.llamarun.attn_decode(qkv, cache.bfloat16(), cache.bfloat16(), rope, 0, 4, 2)
 
 
@@ -170,11 +181,12 @@ def _decode(model: Transformer, prompt: torch.Tensor, steps: int = 10, kv: torch
 
 
 @pytest.mark.parametrize("mode,batch,kv", [("none", 2, None), ("none", 6, None), ("int8", 1, None), ("int4", 3, None),
-                                           ("none", 2, torch.float16), ("int4", 3, torch.float16)])
+                                           ("none", 2, torch.float16), ("int4", 3, torch.float16),
+                                           ("none", 2, torch.int8), ("int4", 1, torch.int8)])
 def test_accelerated_model_generates_like_reference(mode, batch, kv):
     """Prefill + 10 decode steps: logits of the fast path (decode steps through the one-op layer stack,
     decode_layers) equal the reference's, for float32 weights (6 rows: the GEMM branch), int8 and int4,
-    with a float32 or a float16 KV cache."""
+    with a float32, a float16 or an int8 KV cache."""
     model = _tiny_model(mode=mode)
     prompt = torch.randint(0, 50, (batch, 7))
     with torch.inference_mode():
@@ -270,9 +282,13 @@ def test_hooks_fire_on_the_fast_path():
 def test_decode_layers_rejects_bad_input():
     x = torch.zeros(1, 1, 64)
     with pytest.raises(RuntimeError, match="per layer"):
-        torch.ops.llamarun.decode_layers(x, [x], [32, 0], torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
+        torch.ops.llamarun.decode_layers(x, [x], [32, 0], torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5, [], [])
     with pytest.raises(RuntimeError, match="for the head"):  # 14 + 4 weights, but not 12 + 3 kinds
-        torch.ops.llamarun.decode_layers(x, [x] * 18, [32, 0, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5)
+        torch.ops.llamarun.decode_layers(x, [x] * 18, [32, 0, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5,
+                                         [], [])
+    with pytest.raises(RuntimeError, match="one tensor per layer"):  # scales for none of the 1 layer's caches
+        torch.ops.llamarun.decode_layers(x, [x] * 14, [32, 0, 0] * 4, torch.zeros(1, 8, 2), [x], [x], 0, 4, 2, 1e-5,
+                                         [x, x], [x, x])
 
 
 def test_fast_modules_fall_back_off_the_fast_path():

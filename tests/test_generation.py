@@ -179,6 +179,29 @@ def test_kv_cache_dtype(monkeypatch):
     assert Llama(tiny_llama().model, IdTokenizer(50)).kv_dtype == torch.float32
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_int8_kv_cache_generates_like_float32(monkeypatch, kernels_on):
+    """kv_dtype int8 (a scale per cached row), through the kernels (prefill's kv_store and attn_prefill,
+    decode_layers' attn_decode) and without them (model.py's KVCache): the same greedy tokens as a float32
+    cache and log-probabilities close, for a batch of different lengths."""
+    from llamarun import kernels
+
+    if kernels_on and not kernels.available():
+        pytest.skip(kernels.reason())
+    if not kernels_on:
+        monkeypatch.setenv("LLAMARUN_KERNELS", "0")
+    prompts = [[3, 7, 11, 2, 9], [4, 1]]
+    i8, full = tiny_llama(), tiny_llama()
+    i8.kv_dtype, full.kv_dtype = torch.int8, torch.float32
+    a, lp_a = i8.generate(prompts, 12, temperature=0, logprobs=True)
+    b, lp_b = full.generate(prompts, 12, temperature=0, logprobs=True)
+    cache = i8.model.layers[0].attention.cache
+    assert cache.k.dtype == torch.int8 and cache.k_scale.shape == cache.k.shape[:3]
+    assert type(i8.model.layers[0].attention).__name__ == ("FastAttention" if kernels_on else "Attention")
+    assert a == b
+    torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), atol=0.05, rtol=0)
+
+
 @pytest.mark.skipif(not __import__("llamarun").kernels.available(), reason="needs the CPU kernels")
 def test_bf16_cpu_keeps_float32_activations_and_bf16_prefill_gemms(monkeypatch):
     """On a CPU with native bf16 (simulated here), dtype 'auto' gives the quantized default model float32

@@ -445,29 +445,86 @@ def test_rope_op_matches_model(heads, head_dim):
     (1, 1, 2, 1, 8, 3, torch.float32),
     (3, 70, 6, 6, 128, 20, torch.float16),  # no GQA
     (1, 33, 3, 1, 16, 0, torch.float32),   # an odd number of query vectors per task
+    (1, 300, 9, 3, 64, 0, torch.int8),     # an int8 cache: rows and their scales
+    (2, 37, 4, 2, 48, 5, torch.int8),
 ])
 def test_attn_prefill_matches_causal_sdpa(b, s, h, k, d, start, dtype):
     """attn_prefill: query i of each head attends to cache positions 0..start+i of its key/value head, as
-    torch's attention with the same mask does (float32 math over a float16 or float32 cache); the cache may
-    hold more rows and positions than the call uses."""
+    torch's attention with the same mask does (float32 math over a float16, float32 or int8 cache, the
+    last with a scale per row); the cache may hold more rows and positions than the call uses."""
     import torch.nn.functional as F
+
+    from llamarun.model import quantize_rows
 
     g = torch.Generator().manual_seed(s)
     t = start + s + 7
     q = torch.randn(b, s, h, d, generator=g)
-    kc = torch.randn(b + 1, k, t, d, generator=g).to(dtype)
-    vc = torch.randn(b + 1, k, t, d, generator=g).to(dtype)
-    out = torch.ops.llamarun.attn_prefill(q, kc, vc, start)
+    kc = torch.randn(b + 1, k, t, d, generator=g)
+    vc = torch.randn(b + 1, k, t, d, generator=g) * 3
+    scales = {}
+    if dtype == torch.int8:
+        (kc, ks), (vc, vs) = quantize_rows(kc), quantize_rows(vc)
+        scales = dict(k_scale=ks, v_scale=vs)
+        kf, vf = kc.float() * ks[..., None], vc.float() * vs[..., None]  # what the cache holds
+    else:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+        kf, vf = kc.float(), vc.float()
+    out = torch.ops.llamarun.attn_prefill(q, kc, vc, start, **scales)
     mask = torch.ones(s, start + s, dtype=torch.bool).tril(diagonal=start)
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:b, :, : start + s].float(),
-                                         vc[:b, :, : start + s].float(), attn_mask=mask, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kf[:b, :, : start + s], vf[:b, :, : start + s],
+                                         attn_mask=mask, enable_gqa=True)
     assert out.shape == (b, s, h * d)
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(b, s, h * d), rtol=1e-5, atol=1e-5)
-    view = torch.ops.llamarun.attn_prefill(q, kc[:b, :, : start + s], vc[:b, :, : start + s], start)  # strided
+    view = {n: x[:b, :, : start + s] for n, x in scales.items()}
+    view = torch.ops.llamarun.attn_prefill(q, kc[:b, :, : start + s], vc[:b, :, : start + s], start, **view)  # strided
     assert torch.equal(view, out)
     with pytest.raises(RuntimeError, match="cache shape mismatch"):
-        torch.ops.llamarun.attn_prefill(q, kc[:, :, : start + s - 1], vc[:, :, : start + s - 1], start)
+        short = {n: x[:, :, : start + s - 1] for n, x in scales.items()}
+        torch.ops.llamarun.attn_prefill(q, kc[:, :, : start + s - 1], vc[:, :, : start + s - 1], start, **short)
 
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
+def test_kv_store_writes_as_the_cache_does(dtype):
+    """kv_store (prefill's cache write) leaves the cache as model.KVCache.update does: the same float16
+    roundings, the same int8 codes and scales; from k and v views of a fused projection (strided rows),
+    into a cache with more rows and positions, nothing else touched."""
+    from llamarun.model import KVCache
+
+    torch.manual_seed(0)
+    b, s, k, d, start = 2, 37, 3, 64, 5
+    qkv = torch.randn(b, s, (3 + 2 * k) * d) * 4
+    qkv[0, 3, 3 * d : 4 * d] = 0  # a row of zeros: scale 0
+    kx = qkv[..., 3 * d : (3 + k) * d].unflatten(-1, (k, d))  # [B, S, K, D] views
+    vx = qkv[..., (3 + k) * d :].unflatten(-1, (k, d))
+    want, got = KVCache(b + 1, k, 64, d, dtype), KVCache(b + 1, k, 64, d, dtype)
+    want.update(start, kx.transpose(1, 2), vx.transpose(1, 2))
+    torch.ops.llamarun.kv_store(kx, vx, got.k, got.v, start, got.k_scale, got.v_scale)
+    for name, t in want.named_buffers():
+        assert torch.equal(getattr(got, name), t), name
+    if dtype == torch.int8:
+        assert got.k_scale[0, 0, start + 3] == 0 and not got.k[0, 0, start + 3].any()
+    with pytest.raises(RuntimeError, match="cache shape mismatch"):
+        torch.ops.llamarun.kv_store(kx, vx, got.k, got.v, 64 - s + 1, got.k_scale, got.v_scale)
+
+
+@needs_kernels
+def test_attention_ops_check_an_int8_caches_scales():
+    """An int8 cache comes with both scales, shaped [B, K, T] like it; a float cache with none."""
+    q = torch.zeros(1, 4, 4, 16)
+    kc = torch.zeros(1, 2, 8, 16, dtype=torch.int8)
+    s = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="needs k_scale and v_scale"):
+        torch.ops.llamarun.attn_prefill(q, kc, kc.clone(), 0)
+    with pytest.raises(RuntimeError, match="needs k_scale and v_scale"):
+        torch.ops.llamarun.attn_prefill(q, kc.float(), kc.float(), 0, s, s.clone())
+    with pytest.raises(RuntimeError, match=r"must be \[B, K, T\]"):
+        torch.ops.llamarun.attn_prefill(q, kc, kc.clone(), 0, s[:, :1], s[:, :1].clone())
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llamarun.attn_prefill(q, kc, kc.clone(), 0, s.half(), s.half())
+    qkv = torch.zeros(1, 1, (4 + 4) * 16)
+    with pytest.raises(RuntimeError, match="needs k_scale and v_scale"):
+        torch.ops.llamarun.attn_decode(qkv, kc, kc.clone(), torch.zeros(1, 8, 2), 0, 4, 2, s, None)
 
 
 @needs_int8

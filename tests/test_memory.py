@@ -31,7 +31,7 @@ def test_llama2_7b_fp16_does_not_fit_12gib_but_int8_does(capsys):
 
 def test_kv_cache_dtype_sizes_the_cache(capsys):
     """The plan counts the KV cache in its own dtype: float16 under float32 math on a CPU (auto) is half of
-    float32's."""
+    float32's; int8 a byte a value and a float32 scale per row of head_dim."""
     from llamarun.device import pick_kv_dtype
 
     args = config_by_name("smollm2-135m")
@@ -43,10 +43,20 @@ def test_kv_cache_dtype_sizes_the_cache(capsys):
     assert make_plan(args, cpu, torch.float32, max_seq_len=4096, memory=8 * GiB).kv_cache == f32.kv_cache
     assert pick_kv_dtype("auto", torch.device("cuda"), torch.bfloat16) == torch.bfloat16  # the model's on GPUs
     assert pick_kv_dtype("float32", cpu, torch.float32) == torch.float32
+    i8 = make_plan(args, cpu, torch.float32, max_seq_len=4096, memory=8 * GiB, kv_dtype=torch.int8)
+    assert i8.kv_cache == 2 * 30 * 4096 * 3 * (64 + 4) and i8.kv_dtype == "int8"
+    assert i8.activations == f16.activations  # the CPU kernels read it as it is
+    # On an accelerator model.py dequantizes one layer's cache at a time: float32, then the activations' dtype.
+    gpu = {kv: make_plan(args, torch.device("cuda"), torch.bfloat16, max_seq_len=4096, memory=8 * GiB, kv_dtype=kv)
+           for kv in (torch.bfloat16, torch.int8)}
+    assert gpu[torch.int8].activations - gpu[torch.bfloat16].activations == 2 * 4096 * 3 * 64 * (4 + 2)
+    assert pick_kv_dtype("int8", torch.device("cuda"), torch.bfloat16) == torch.int8
     with pytest.raises(UsageError, match="KV cache dtype"):
-        pick_kv_dtype("int8", cpu, torch.float32)
+        pick_kv_dtype("int4", cpu, torch.float32)
     out = run_cli_in_process(["plan", "--kv-dtype", "float32", "--max-seq-len", "1024"], capsys).stdout
     assert "(batch 1 x 1024 tokens, float32)" in out
+    out = run_cli_in_process(["plan", "--kv-dtype", "int8", "--max-seq-len", "1024"], capsys).stdout
+    assert "(batch 1 x 1024 tokens, int8)" in out
 
 
 def test_meta_default_batch_is_a_trap():

@@ -16,9 +16,11 @@
 //       `pos`, then each query head attends to cache positions 0..pos of its key/value head (GQA).
 //   attn_prefill(q [B, S, H, D], k_cache, v_cache [Bc, K, T, D], start) -> [B, S, H D]: prefill's causal
 //       attention over the cache (query i sees positions 0..start+i), flash-attention style in the pool.
+//   kv_store(k, v [B, S, K, D], k_cache, v_cache, start): prefill's cache write, converted as attn_decode's.
 //
-// All tensors float32, CPU, contiguous; except attn_decode's caches, which may also be float16 (half the
-// memory and the bytes read per step; the arithmetic stays float32).
+// All tensors float32, CPU, contiguous; except the attention ops' caches, which may also be float16 (half
+// the memory and the bytes read per step; the arithmetic stays float32) or int8 with a float32 scale per
+// cached row (k_scale, v_scale [Bc, K, T]: model.py's KVCache and quantize_rows).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +36,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -83,8 +87,12 @@ inline __m256 exp8(__m256 x) {
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 #ifdef FUSED_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {  // an int8 cache's values, unscaled
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const c10::BFloat16* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
@@ -428,6 +436,20 @@ inline void store_row(c10::Half* y, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] = static_cast<c10::Half>(x[i]);
 }
 
+// An int8 cache's element type: its rows carry a float32 scale each, kept beside the cache.
+template <typename T>
+constexpr bool kScaled = std::is_same_v<T, int8_t>;
+
+// y[0..n) = x rounded to int8 at scale max|x| / 127, to nearest even (as model.quantize_rows); returns the
+// scale (0 for a row of zeros).
+inline float store_row_q8(int8_t* y, const float* x, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.0f, div = scale > 0.0f ? scale : std::numeric_limits<float>::min();
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / div), -127.0f, 127.0f));
+  return scale;
+}
+
 // o[0..D) = sum over t < len of p[t] * v[t*D .. t*D+D): the values weighted by the softmax numerators,
 // accumulated in registers 64 floats at a time (an axpy per position would load and store o each time).
 constexpr int64_t kChunk = 128;  // positions per attention task (also p's size)
@@ -469,10 +491,11 @@ void rotate(const float* x, const float* cs, T* y, int64_t D) {
   }
 }
 
-// attn_decode for cache element type T (float or c10::Half); the arguments are checked by attn_decode.
+// attn_decode for cache element type T (float, c10::Half, or int8_t with the rows' scales KS, VS; else
+// those are null); the arguments are checked by attn_decode.
 template <typename T>
-void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O, int64_t B, int64_t H, int64_t K,
-                      int64_t T_len, int64_t D, int64_t pos) {
+void attn_decode_impl(const float* QKV, T* KC, T* VC, float* KS, float* VS, const float* CS, float* O, int64_t B,
+                      int64_t H, int64_t K, int64_t T_len, int64_t D, int64_t pos) {
   const int64_t row = (H + 2 * K) * D, n = pos + 1;
 
   // The new token's keys (rotated) and values go into the caches first: every query head reads them.
@@ -480,10 +503,15 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < K; ++g) {
       const float* kx = QKV + b * row + (H + g) * D;
-      const int64_t at = ((b * K + g) * T_len + pos) * D;
+      const int64_t at = (b * K + g) * T_len + pos;  // the cached row
       rotate(kx, CS, rotated.data(), D);
-      store_row(KC + at, rotated.data(), D);
-      store_row(VC + at, kx + K * D, D);
+      if constexpr (kScaled<T>) {
+        KS[at] = store_row_q8(KC + at * D, rotated.data(), D);
+        VS[at] = store_row_q8(VC + at * D, kx + K * D, D);
+      } else {
+        store_row(KC + at * D, rotated.data(), D);
+        store_row(VC + at * D, kx + K * D, D);
+      }
     }
 
   // Attention, split like flash-decoding: a task is one (row, key/value head, chunk of kChunk positions),
@@ -501,6 +529,9 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
       const int64_t t0 = c * kChunk, len = std::min(n, t0 + kChunk) - t0;
       const T* kc = KC + ((b * K + g) * T_len + t0) * D;
       const T* vc = VC + ((b * K + g) * T_len + t0) * D;
+      // An int8 cache's scales: a key's multiplies its score, a value's its softmax weight.
+      const float* ks = kScaled<T> ? KS + (b * K + g) * T_len + t0 : nullptr;
+      const float* vs = kScaled<T> ? VS + (b * K + g) * T_len + t0 : nullptr;
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         rotate(QKV + b * row + h * D, CS, q.data(), D);
         for (int64_t j = 0; j < D; ++j) q[j] *= scale;
@@ -522,10 +553,14 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
           }
 #endif
         for (; t < len; ++t) p[t] = dot(q.data(), kc + t * D, D);
+        if constexpr (kScaled<T>)
+          for (int64_t j = 0; j < len; ++j) p[j] *= ks[j];
         const float max = *std::max_element(p.begin(), p.begin() + len);
         float* r = parts.get() + ((b * H + h) * C + c) * part;
         r[D] = max;
         r[D + 1] = exp_shifted(p.data(), len, max);
+        if constexpr (kScaled<T>)
+          for (int64_t j = 0; j < len; ++j) p[j] *= vs[j];
         weighted_sum(p.data(), vc, len, D, r);
       }
     }
@@ -546,14 +581,37 @@ void attn_decode_impl(const float* QKV, T* KC, T* VC, const float* CS, float* O,
   }
 }
 
+// An int8 cache's scales: [Bc, K, T] float32 beside the cache's [Bc, K, T, D], rows of T contiguous (both
+// present for an int8 cache, both absent otherwise). Returns whether the cache is int8.
+bool check_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k_scale,
+              const std::optional<at::Tensor>& v_scale) {
+  const auto kv = k_cache.scalar_type();
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu() && v_cache.scalar_type() == kv &&
+                  (kv == at::kFloat || kv == at::kHalf || kv == at::kChar),
+              "k_cache and v_cache must be CPU tensors, both float32, float16 or int8");
+  const bool int8 = kv == at::kChar;
+  TORCH_CHECK(k_scale.has_value() == int8 && v_scale.has_value() == int8,
+              "an int8 cache needs k_scale and v_scale, and only an int8 cache takes them");
+  if (int8)
+    for (const at::Tensor* s : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(s->device().is_cpu() && s->scalar_type() == at::kFloat,
+                  "k_scale and v_scale must be float32 on the CPU");
+      TORCH_CHECK(s->dim() == 3 && s->sizes() == k_cache.sizes().slice(0, 3) && s->stride(2) == 1,
+                  "k_scale and v_scale must be [B, K, T] like the caches, positions contiguous");
+    }
+  return int8;
+}
+
 at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads,
+                       const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
   const auto kv = k_cache.scalar_type();
-  TORCH_CHECK(k_cache.device().is_cpu() && (kv == at::kFloat || kv == at::kHalf) && k_cache.is_contiguous() &&
-                  v_cache.device().is_cpu() && v_cache.scalar_type() == kv && v_cache.is_contiguous(),
-              "k_cache and v_cache must be contiguous CPU tensors, both float32 or both float16");
+  const bool int8 = check_kv(k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  (!int8 || (k_scale->is_contiguous() && v_scale->is_contiguous())),
+              "attn_decode's caches (and scales) must be contiguous");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must be [B, K, T, D]");
   const int64_t B = qkv.size(0), H = n_heads, K = n_kv_heads, T = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == 1 && qkv.size(2) == (H + 2 * K) * D,
@@ -562,11 +620,15 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   TORCH_CHECK(pos >= 0 && pos < T, "position ", pos, " outside the cache (", T, ")");
   TORCH_CHECK(rope.numel() == D, "rope must hold head_dim/2 (cos, sin) pairs");
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  if (kv == at::kHalf)
-    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
-                     rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
+  if (int8)
+    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                     k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), rope.data_ptr<float>(),
+                     out.data_ptr<float>(), B, H, K, T, D, pos);
+  else if (kv == at::kHalf)
+    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
+                     nullptr, rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
   else
-    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
                      rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
   return out;
 }
@@ -584,20 +646,29 @@ constexpr int64_t kKB = 32;  // keys per block: 4 registers of scores per query 
 #endif
 
 #ifdef FUSED_AVX2
-// The block's nk keys (rows of D at k) as float32 columns kt [D][kKB], zeros past nk; its values as float32
-// rows vb [nk][D]. 8 x 8 transposes: 8 keys' 8 dimensions loaded as rows, stored as columns.
+// 8 elements of cached row t at p, as float32: an int8 cache's times the row's scale s[t].
 template <typename T>
-void load_block(const T* k, const T* v, int64_t nk, int64_t D, float* kt, float* vb) {
+inline __m256 load8_row(const T* p, const float* s, int64_t t) {
+  if constexpr (kScaled<T>) return _mm256_mul_ps(load8(p), _mm256_set1_ps(s[t]));
+  return load8(p);
+}
+
+// The block's nk keys (rows of D at k; an int8 cache's scaled by ks) as float32 columns kt [D][kKB], zeros
+// past nk; its values (scaled by vs) as float32 rows vb [nk][D]. 8 x 8 transposes: 8 keys' 8 dimensions
+// loaded as rows, stored as columns.
+template <typename T>
+void load_block(const T* k, const T* v, const float* ks, const float* vs, int64_t nk, int64_t D, float* kt,
+                float* vb) {
   for (int64_t t0 = 0; t0 < kKB; t0 += 8)
     for (int64_t d0 = 0; d0 < D; d0 += 8) {
       __m256i r[8], c[8];
       for (int i = 0; i < 8; ++i)
-        r[i] = _mm256_castps_si256(t0 + i < nk ? load8(k + (t0 + i) * D + d0) : _mm256_setzero_ps());
+        r[i] = _mm256_castps_si256(t0 + i < nk ? load8_row(k + (t0 + i) * D + d0, ks, t0 + i) : _mm256_setzero_ps());
       llamarun_kernels::transpose8_epi32(r, c);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d0 + i) * kKB + t0, _mm256_castsi256_ps(c[i]));
     }
   for (int64_t t = 0; t < nk; ++t)
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vb + t * D + d, load8(v + t * D + d));
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(vb + t * D + d, load8_row(v + t * D + d, vs, t));
 }
 
 // s0[t], s1[t] = q0 . kt[:, t], q1 . kt[:, t] for the block's kKB keys (kt: [D][kKB] floats).
@@ -655,11 +726,13 @@ inline void weigh2(const float* p0, const float* p1, const float* v, int64_t n, 
 }
 #else
 template <typename T>
-void load_block(const T* k, const T* v, int64_t nk, int64_t D, float* kt, float* vb) {
+void load_block(const T* k, const T* v, const float* ks, const float* vs, int64_t nk, int64_t D, float* kt,
+                float* vb) {
   for (int64_t t = 0; t < kKB; ++t)
-    for (int64_t d = 0; d < D; ++d) kt[d * kKB + t] = t < nk ? to_float(k[t * D + d]) : 0.0f;
+    for (int64_t d = 0; d < D; ++d)
+      kt[d * kKB + t] = t < nk ? to_float(k[t * D + d]) * (kScaled<T> ? ks[t] : 1.0f) : 0.0f;
   for (int64_t t = 0; t < nk; ++t)
-    for (int64_t d = 0; d < D; ++d) vb[t * D + d] = to_float(v[t * D + d]);
+    for (int64_t d = 0; d < D; ++d) vb[t * D + d] = to_float(v[t * D + d]) * (kScaled<T> ? vs[t] : 1.0f);
 }
 
 inline void scores2(const float* q0, const float* q1, const float* kt, int64_t D, float* s0, float* s1) {
@@ -781,9 +854,11 @@ inline float softmax_step(float* s, int64_t n, float& m, float& l) {
   return c;
 }
 
+// T: float, c10::Half, or int8_t with the rows' scales KS, VS (strides s_sb, s_sh; else null).
 template <typename T>
-void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64_t B, int64_t S, int64_t H,
-                       int64_t K, int64_t D, int64_t start, int64_t kv_sb, int64_t kv_sh) {
+void attn_prefill_impl(const float* Q, const T* KC, const T* VC, const float* KS, const float* VS, float* O,
+                       int64_t B, int64_t S, int64_t H, int64_t K, int64_t D, int64_t start, int64_t kv_sb,
+                       int64_t kv_sh, int64_t s_sb, int64_t s_sh) {
   const int64_t G = H / K, nq = (S + kQB - 1) / kQB, R = G * kQB;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   // The last query blocks see the most keys: hand them out first.
@@ -803,9 +878,12 @@ void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64
       const int64_t end = start + q0 + rows;  // keys 0..end-1: what the block's last query sees
       const T* kc = KC + b * kv_sb + g * kv_sh;
       const T* vc = VC + b * kv_sb + g * kv_sh;
+      const float* ks = kScaled<T> ? KS + b * s_sb + g * s_sh : nullptr;
+      const float* vs = kScaled<T> ? VS + b * s_sb + g * s_sh : nullptr;
       for (int64_t t0 = 0; t0 < end; t0 += kKB) {
         const int64_t nk = std::min(kKB, end - t0);
-        load_block(kc + t0 * D, vc + t0 * D, nk, D, kt.data(), vb.data());
+        load_block(kc + t0 * D, vc + t0 * D, kScaled<T> ? ks + t0 : nullptr, kScaled<T> ? vs + t0 : nullptr, nk, D,
+                   kt.data(), vb.data());
         for (int64_t r = 0; r < n_rows; r += kRB) {
           // Rows r..r+kRB-1 (past the last: the last again, its results going to spare); query r sees keys up
           // to start + q0 + r / G: n[i] of this block's (0 or less: none). Positions grow with r.
@@ -843,16 +921,63 @@ void attn_prefill_impl(const float* Q, const T* KC, const T* VC, float* O, int64
   });
 }
 
-// attn_prefill(q [B, S, H, D] float32 contiguous (rotated), k_cache, v_cache [Bc, K, T, D] (float32 or
-// float16; any batch/head strides, rows contiguous) holding positions 0..start+S-1, start) -> [B, S, H D]:
-// query i of head h attends to positions 0..start+i of key/value head h / (H / K).
-at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start) {
+// kv_store(k, v [B, S, K, D] float32 (rows contiguous, any other strides), k_cache, v_cache [Bc, K, T, D]
+// contiguous, start, k_scale, v_scale): the S new positions' keys and values into the caches at start..,
+// converted as attn_decode writes its one (float16: rounded to nearest even; int8: store_row_q8 and the
+// row's scale). Prefill's cache write, one op where torch takes a conversion and a strided copy per tensor
+// (and an int8 cache eight small ops more).
+void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              int64_t start, const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  const bool int8 = check_kv(k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(k.device().is_cpu() && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  v.device().is_cpu() && k.dim() == 4 && k.sizes() == v.sizes() && k.stride(3) == 1 && v.stride(3) == 1,
+              "k and v must be float32 CPU tensors [B, S, K, D] alike, rows contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.sizes() == v_cache.sizes() &&
+                  (!int8 || (k_scale->is_contiguous() && v_scale->is_contiguous())),
+              "kv_store's caches (and scales) must be contiguous, [B, K, T, D] alike");
+  const int64_t B = k.size(0), S = k.size(1), K = k.size(2), D = k.size(3), T = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) >= B && k_cache.size(1) == K && k_cache.size(3) == D && start >= 0 && start + S <= T,
+              "cache shape mismatch: positions ", start, "..", start + S - 1, " in a cache of ", T);
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  // Row r = ((b * S) + s) * K + g: its key and value, and the cache row they go to.
+  auto store = [&](auto* kc, auto* vc) {
+    parallel_rows(B * S * K, grain_for(2 * D), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t g = r % K, s = (r / K) % S, b = r / (K * S);
+        const float* kx = kp + b * k.stride(0) + s * k.stride(1) + g * k.stride(2);
+        const float* vx = vp + b * v.stride(0) + s * v.stride(1) + g * v.stride(2);
+        const int64_t at = (b * K + g) * T + start + s;
+        if constexpr (kScaled<std::remove_pointer_t<decltype(kc)>>) {
+          k_scale->data_ptr<float>()[at] = store_row_q8(kc + at * D, kx, D);
+          v_scale->data_ptr<float>()[at] = store_row_q8(vc + at * D, vx, D);
+        } else {
+          store_row(kc + at * D, kx, D);
+          store_row(vc + at * D, vx, D);
+        }
+      }
+    });
+  };
+  if (int8)
+    store(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
+  else if (k_cache.scalar_type() == at::kHalf)
+    store(k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>());
+  else
+    store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+}
+
+// attn_prefill(q [B, S, H, D] float32 contiguous (rotated), k_cache, v_cache [Bc, K, T, D] (float32, float16,
+// or int8 with k_scale, v_scale [Bc, K, T]; any batch/head strides, rows contiguous) holding positions
+// 0..start+S-1, start) -> [B, S, H D]: query i of head h attends to positions 0..start+i of key/value head
+// h / (H / K).
+at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
+                        const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   check_f32(q, "q");
   const auto kv = k_cache.scalar_type();
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.strides() == v_cache.strides(), "q must be [B, S, H, D], the caches [B, K, T, D] alike");
-  TORCH_CHECK(k_cache.device().is_cpu() && (kv == at::kFloat || kv == at::kHalf) && v_cache.scalar_type() == kv &&
-                  v_cache.device().is_cpu(), "k_cache and v_cache must be CPU tensors, both float32 or both float16");
+  const bool int8 = check_kv(k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(!int8 || k_scale->strides() == v_scale->strides(), "k_scale and v_scale must have the same strides");
   const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3), K = k_cache.size(1);
   TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && k_cache.size(3) == D,
               "the caches' rows must be contiguous, of head_dim ", D);
@@ -860,12 +985,17 @@ at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at
               "cache shape mismatch: positions ", start, "..", start + S - 1, " in a cache of ", k_cache.size(2));
   TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
   at::Tensor out = at::empty({B, S, H * D}, q.options());
-  if (kv == at::kHalf)
-    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(),
-                      out.data_ptr<float>(), B, S, H, K, D, start, k_cache.stride(0), k_cache.stride(1));
+  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1);
+  if (int8)
+    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                      k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), out.data_ptr<float>(), B, S, H, K, D,
+                      start, sb, sh, k_scale->stride(0), k_scale->stride(1));
+  else if (kv == at::kHalf)
+    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
+                      nullptr, out.data_ptr<float>(), B, S, H, K, D, start, sb, sh, 0, 0);
   else
-    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                      out.data_ptr<float>(), B, S, H, K, D, start, k_cache.stride(0), k_cache.stride(1));
+    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
+                      out.data_ptr<float>(), B, S, H, K, D, start, sb, sh, 0, 0);
   return out;
 }
 
@@ -1162,9 +1292,12 @@ TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("f32_pool_rows(bool bf16_weight) -> int", &llamarun_kernels::f32_pool_rows);
   m.def("argmax(Tensor x) -> Tensor");
   m.def("sample_filtered(Tensor x, Tensor u, float temperature, int top_k, float top_p, float min_p) -> Tensor");
-  m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start) -> Tensor");
+  m.def("kv_store(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int start, Tensor(c!)? k_scale=None, "
+        "Tensor(d!)? v_scale=None) -> ()");
+  m.def("attn_prefill(Tensor q, Tensor k_cache, Tensor v_cache, int start, Tensor? k_scale=None, "
+        "Tensor? v_scale=None) -> Tensor");
   m.def("attn_decode(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rope, int pos, int n_heads, "
-        "int n_kv_heads) -> Tensor");
+        "int n_kv_heads, Tensor(c!)? k_scale=None, Tensor(d!)? v_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {
@@ -1176,4 +1309,5 @@ TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) {
   m.impl("sample_filtered", &llamarun_kernels::sample_filtered);
   m.impl("attn_decode", &llamarun_kernels::attn_decode);
   m.impl("attn_prefill", &llamarun_kernels::attn_prefill);
+  m.impl("kv_store", &llamarun_kernels::kv_store);
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -63,6 +64,7 @@ at::Tensor silu_mul(const at::Tensor& x);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& rope);
 at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight);
 at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads);
+                       const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads,
+                       const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale);
 
 }  // namespace llamarun_kernels

@@ -5,13 +5,14 @@
 // ten ops from Python (module calls, argument parsing, dispatch) costs ~0.1 ms more: a third of the
 // decode step. Here the layer loop runs in C++ and each op is a plain function call.
 //
-//   decode_layers(x [B, 1, D], weights, kinds, rope [1, hd/2, 2], k_caches, v_caches, pos, H, K, eps)
-//       -> [B, 1, D], or logits [B, 1, V] with the head
+//   decode_layers(x [B, 1, D], weights, kinds, rope [1, hd/2, 2], k_caches, v_caches, pos, H, K, eps,
+//                 k_scales, v_scales) -> [B, 1, D], or logits [B, 1, V] with the head
 //   Per layer l (L = len(k_caches) layers), weights[14 l ...] holds
 //       attention_norm.weight, ffn_norm.weight, then 3 tensors for each of wqkv, wo, w13, w2:
 //       float32 or bfloat16 (weight, -, -), int8 (qweight, scales, -), int4 (qweight, scales, mins)
 //   ("-": any tensor, unused), and kinds[12 l ...] holds (bits, group_size, batch_rows) for the same four
-//   linears, bits 32, 8 or 4 (batch_rows: see q4_linear). The caches are written at `pos` (see attn_decode in fused.cpp).
+//   linears, bits 32, 8 or 4 (batch_rows: see q4_linear). The caches are written at `pos` (see attn_decode in
+//   fused.cpp); int8 caches come with their scales, one per layer in k_scales and v_scales (else both empty).
 //   Optionally the model's head follows the layers: 4 more weights (norm.weight, then output's 3 tensors
 //   as above) and 3 more kinds. With it the op returns logits [B, 1, V] = output(norm(h)) instead of h:
 //   the final norm and the output projection then cost no Python either (after a step has streamed the
@@ -48,7 +49,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor* w, const int64_t* k, in
 
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArrayRef kinds, const at::Tensor& rope,
                          at::TensorList k_caches, at::TensorList v_caches, int64_t pos, int64_t n_heads,
-                         int64_t n_kv_heads, double eps) {
+                         int64_t n_kv_heads, double eps, at::TensorList k_scales, at::TensorList v_scales) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   const int64_t nw = static_cast<int64_t>(weights.size()), nk = static_cast<int64_t>(kinds.size());
   const bool head = nw == kWeightsPerLayer * L + 4 && nk == kKindsPerLayer * L + kKindsPerLinear;
@@ -57,13 +58,17 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArr
               "decode_layers: expected ", kWeightsPerLayer, " weights, ", kKindsPerLayer,
               " kinds and two caches per layer (and optionally 4 weights and 3 kinds for the head)");
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_layers: x must be [B, 1, dim]");
+  const bool scaled = !k_scales.empty();
+  TORCH_CHECK(static_cast<int64_t>(k_scales.size()) == (scaled ? L : 0) && v_scales.size() == k_scales.size(),
+              "decode_layers: k_scales and v_scales hold one tensor per layer (int8 caches), or none");
   at::Tensor h = x.contiguous().clone();  // the residual stream, updated in place
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* w = weights.data() + kWeightsPerLayer * l;
     const int64_t* k = kinds.data() + kKindsPerLayer * l;
     // h = h + wo(attention(wqkv(norm(h))));  h = h + w2(silu(w1 .) * w3 .)(norm(h))
     const at::Tensor attn = attn_decode(linear(rms_norm(h, w[0], eps), w, k, 0), k_caches[l], v_caches[l], rope,
-                                        pos, n_heads, n_kv_heads);
+                                        pos, n_heads, n_kv_heads, scaled ? std::optional(k_scales[l]) : std::nullopt,
+                                        scaled ? std::optional(v_scales[l]) : std::nullopt);
     h.add_(linear(attn, w, k, 1));
     h.add_(linear(silu_mul(linear(rms_norm(h, w[1], eps), w, k, 2)), w, k, 3));
   }
@@ -79,7 +84,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList weights, at::IntArr
 
 TORCH_LIBRARY_FRAGMENT(LLAMARUN_OPS_NS, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] kinds, Tensor rope, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, int pos, int n_heads, int n_kv_heads, float eps) -> Tensor");
+        "Tensor(b!)[] v_caches, int pos, int n_heads, int n_kv_heads, float eps, Tensor(c!)[] k_scales, "
+        "Tensor(d!)[] v_scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(LLAMARUN_OPS_NS, CPU, m) { m.impl("decode_layers", &decode_layers); }
