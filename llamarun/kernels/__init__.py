@@ -30,10 +30,13 @@ Ops (all CPU, float32 activations of any leading shape ``[..., K]``):
   sleeping (default 100, or ``$LLAMARUN_SPIN_US``; 0 on a machine whose cores are all busy).
 - Fused float32 glue for decoding (``fused.cpp``, used by :mod:`llamarun.fastpath`): ``rms_norm(x, weight,
   eps)``, ``silu_mul(x [..., 2F]) -> [..., F]``, ``f32_linear(x, weight)``, ``attn_decode(qkv, k_cache,
-  v_cache, rope, pos, n_heads, n_kv_heads)`` (rotary embedding, cache write and attention for one new token
-  per row) and ``argmax(x [B, V]) -> [B]`` (greedy decoding).
-- ``decode_layers(x, weights, kinds, rope, k_caches, v_caches, pos, n_heads, n_kv_heads, eps)``
-  (``layers.cpp``): a whole decode step's layer stack in one call, chaining the ops above with no Python
+  v_cache, rope, pos, n_heads, n_kv_heads, k_scale=None, v_scale=None)`` (rotary embedding, cache write and
+  attention for one new token per row), prefill's ``kv_store(k, v, k_cache, v_cache, start, k_scale,
+  v_scale)`` (the cache write) and ``attn_prefill(q, k_cache, v_cache, start, k_scale, v_scale)`` (causal
+  attention over the cache), and ``argmax(x [B, V]) -> [B]`` (greedy decoding). Caches are float32, float16,
+  or int8 with a float32 scale per cached row (``k_scale``, ``v_scale``; see ``model.KVCache``).
+- ``decode_layers(x, weights, kinds, rope, k_caches, v_caches, pos, n_heads, n_kv_heads, eps, k_scales,
+  v_scales)`` (``layers.cpp``): a whole decode step's layer stack in one call, chaining the ops above with no Python
   between them (see :class:`llamarun.fastpath.FastTransformer`); with the head's weights appended it also
   runs the final norm and the output layer and returns the logits.
 - ``gguf_to_int8(raw, type, qweight, scales)`` / ``gguf_to_int4(raw, type, qweight, scales, mins)``
