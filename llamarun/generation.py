@@ -767,9 +767,8 @@ class Llama:
         for layer in self.model.layers:
             cache = layer.attention.cache
             if cache is not None:
-                for t in (cache.k, cache.v, cache.k_scale, cache.v_scale):
-                    if t is not None:
-                        release_pages(t)
+                for t in cache.buffers():  # k and v (and an int8 cache's scales)
+                    release_pages(t)
 
     def _feed(self, run: _Run, prev: int, cur: int, logprobs: bool) -> torch.Tensor:
         """Run tokens prev..cur-1 through the model (in pieces of PREFILL_CHUNK tokens, on a CPU of
