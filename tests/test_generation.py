@@ -510,6 +510,28 @@ def test_compiled_decode_step_matches_eager(tmp_path, monkeypatch):
     assert again == eager.generate([[1, 2], [3], [4]], 17, temperature=0)[0]
     assert any(tmp_path.iterdir())  # artifacts written where the next process will look
 
+    from llamarun import kernels
+
+    if kernels.available():  # on a CPU the kernels' helpers sleep through each compiled step (OpenMP's turn)
+        step, seen, n = compiled._decode_step, [], torch.get_num_threads()
+
+        def spy(*args):
+            spin = kernels.set_spin_us(0)
+            kernels.set_spin_us(spin)
+            seen.append(spin)
+            return step(*args)
+
+        compiled._decode_step = spy
+        torch.set_num_threads(2)
+        old = kernels.set_spin_us(77)
+        try:
+            compiled.generate(prompts, 3, temperature=0)
+            # A 2-token prefill (eager), then 4 compiled steps to the longest prompt (4) + 3 tokens; restored after.
+            assert seen == [0] * 4 and kernels.set_spin_us(77) == 77
+        finally:
+            kernels.set_spin_us(old)
+            torch.set_num_threads(n)
+
 
 def test_static_shape_forward_equals_dynamic():
     """model(tokens, tensor positions) over the whole masked cache == model(tokens, int start_pos)."""
