@@ -602,12 +602,24 @@ bool check_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const std::o
   return int8;
 }
 
+// f(k, v) with the caches' data as their element type: int8_t, c10::Half or float (as check_kv allows).
+template <typename F>
+void with_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, F&& f) {
+  switch (k_cache.scalar_type()) {
+    case at::kChar: f(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>()); break;
+    case at::kHalf: f(k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>()); break;
+    default: f(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  }
+}
+
+// An int8 cache's scales' data (else null).
+inline float* scale_data(const std::optional<at::Tensor>& s) { return s ? s->data_ptr<float>() : nullptr; }
+
 at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& rope, int64_t pos, int64_t n_heads, int64_t n_kv_heads,
                        const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   check_f32(qkv, "qkv");
   check_f32(rope, "rope");
-  const auto kv = k_cache.scalar_type();
   const bool int8 = check_kv(k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   (!int8 || (k_scale->is_contiguous() && v_scale->is_contiguous())),
@@ -620,16 +632,10 @@ at::Tensor attn_decode(const at::Tensor& qkv, const at::Tensor& k_cache, const a
   TORCH_CHECK(pos >= 0 && pos < T, "position ", pos, " outside the cache (", T, ")");
   TORCH_CHECK(rope.numel() == D, "rope must hold head_dim/2 (cos, sin) pairs");
   at::Tensor out = at::empty({B, 1, H * D}, qkv.options());
-  if (int8)
-    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                     k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), rope.data_ptr<float>(),
+  with_cache(k_cache, v_cache, [&](auto* kc, auto* vc) {
+    attn_decode_impl(qkv.data_ptr<float>(), kc, vc, scale_data(k_scale), scale_data(v_scale), rope.data_ptr<float>(),
                      out.data_ptr<float>(), B, H, K, T, D, pos);
-  else if (kv == at::kHalf)
-    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
-                     nullptr, rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
-  else
-    attn_decode_impl(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
-                     rope.data_ptr<float>(), out.data_ptr<float>(), B, H, K, T, D, pos);
+  });
   return out;
 }
 
@@ -940,8 +946,9 @@ void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
   TORCH_CHECK(k_cache.size(0) >= B && k_cache.size(1) == K && k_cache.size(3) == D && start >= 0 && start + S <= T,
               "cache shape mismatch: positions ", start, "..", start + S - 1, " in a cache of ", T);
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *ks = scale_data(k_scale), *vs = scale_data(v_scale);
   // Row r = ((b * S) + s) * K + g: its key and value, and the cache row they go to.
-  auto store = [&](auto* kc, auto* vc) {
+  with_cache(k_cache, v_cache, [&](auto* kc, auto* vc) {
     parallel_rows(B * S * K, grain_for(2 * D), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t g = r % K, s = (r / K) % S, b = r / (K * S);
@@ -949,21 +956,15 @@ void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
         const float* vx = vp + b * v.stride(0) + s * v.stride(1) + g * v.stride(2);
         const int64_t at = (b * K + g) * T + start + s;
         if constexpr (kScaled<std::remove_pointer_t<decltype(kc)>>) {
-          k_scale->data_ptr<float>()[at] = store_row_q8(kc + at * D, kx, D);
-          v_scale->data_ptr<float>()[at] = store_row_q8(vc + at * D, vx, D);
+          ks[at] = store_row_q8(kc + at * D, kx, D);
+          vs[at] = store_row_q8(vc + at * D, vx, D);
         } else {
           store_row(kc + at * D, kx, D);
           store_row(vc + at * D, vx, D);
         }
       }
     });
-  };
-  if (int8)
-    store(k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>());
-  else if (k_cache.scalar_type() == at::kHalf)
-    store(k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>());
-  else
-    store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  });
 }
 
 // attn_prefill(q [B, S, H, D] float32 contiguous (rotated), k_cache, v_cache [Bc, K, T, D] (float32, float16,
@@ -973,7 +974,6 @@ void kv_store(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
 at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t start,
                         const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   check_f32(q, "q");
-  const auto kv = k_cache.scalar_type();
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.strides() == v_cache.strides(), "q must be [B, S, H, D], the caches [B, K, T, D] alike");
   const bool int8 = check_kv(k_cache, v_cache, k_scale, v_scale);
@@ -985,17 +985,11 @@ at::Tensor attn_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at
               "cache shape mismatch: positions ", start, "..", start + S - 1, " in a cache of ", k_cache.size(2));
   TORCH_CHECK(D % 8 == 0, "head_dim must be a multiple of 8, got ", D);
   at::Tensor out = at::empty({B, S, H * D}, q.options());
-  const int64_t sb = k_cache.stride(0), sh = k_cache.stride(1);
-  if (int8)
-    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                      k_scale->data_ptr<float>(), v_scale->data_ptr<float>(), out.data_ptr<float>(), B, S, H, K, D,
-                      start, sb, sh, k_scale->stride(0), k_scale->stride(1));
-  else if (kv == at::kHalf)
-    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
-                      nullptr, out.data_ptr<float>(), B, S, H, K, D, start, sb, sh, 0, 0);
-  else
-    attn_prefill_impl(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
-                      out.data_ptr<float>(), B, S, H, K, D, start, sb, sh, 0, 0);
+  with_cache(k_cache, v_cache, [&](const auto* kc, const auto* vc) {
+    attn_prefill_impl(q.data_ptr<float>(), kc, vc, scale_data(k_scale), scale_data(v_scale), out.data_ptr<float>(),
+                      B, S, H, K, D, start, k_cache.stride(0), k_cache.stride(1), int8 ? k_scale->stride(0) : 0,
+                      int8 ? k_scale->stride(1) : 0);
+  });
   return out;
 }
 
